@@ -1,0 +1,200 @@
+//! The admin API on `listen.admin`: liveness, readiness, metrics, the
+//! worker list and drain control. `/healthz` and `/readyz` are open (an
+//! orchestrator probes them); the rest needs `admin.token` when it is set.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::Proxy;
+
+type AdminResponse = Response<Full<Bytes>>;
+
+/// Serves the admin API until `cancel`.
+pub async fn serve(listener: TcpListener, proxy: Proxy, cancel: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let proxy = proxy.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(route(&proxy, req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r {
+                    tracing::debug!(error = %e, "admin connection error");
+                },
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn route(proxy: &Proxy, req: Request<Incoming>) -> AdminResponse {
+    let path = req.uri().path().trim_end_matches('/');
+    let method = req.method();
+    match (method, path) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => readyz(proxy),
+        _ if !authorized(proxy, &req) => {
+            let mut r = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
+            r.headers_mut()
+                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+            r
+        }
+        (&Method::GET, "/metrics") => {
+            let live = proxy.shared.live.load();
+            let body = proxy
+                .shared
+                .metrics
+                .render(&live.backends, proxy.shared.capture.len());
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        (&Method::GET, "/backends") => backends(proxy),
+        (&Method::POST, p) if p.starts_with("/backends/") => drain(proxy, p),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn authorized(proxy: &Proxy, req: &Request<Incoming>) -> bool {
+    let live = proxy.shared.live.load();
+    let Some(token) = &live.config.admin.token else {
+        return true;
+    };
+    let presented = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compare in constant time: the token guards drain control.
+    presented.is_some_and(|p| constant_eq(p.as_bytes(), token.expose().as_bytes()))
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn readyz(proxy: &Proxy) -> AdminResponse {
+    let live = proxy.shared.live.load();
+    let up = live.backends.usable_count();
+    let mut reasons = Vec::new();
+    if up == 0 {
+        reasons.push("no worker is up".to_owned());
+    }
+    let ready = reasons.is_empty();
+    // A store outage is reported, not made fatal: pinned users are served.
+    let store = match proxy.shared.store.get() {
+        Some(s) => json!({"kind": s.kind(), "state": "connected"}),
+        None => json!({"state": "unavailable"}),
+    };
+    let body = json!({
+        "store": store,
+        "ready": ready,
+        "reasons": reasons,
+        "workers_up": up,
+        "workers": live.backends.all().len(),
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, &body)
+}
+
+fn backends(proxy: &Proxy) -> AdminResponse {
+    let live = proxy.shared.live.load();
+    let list: Vec<_> = live
+        .backends
+        .all()
+        .iter()
+        .map(|b| {
+            json!({
+                "id": b.id,
+                "url": b.url.to_string(),
+                "weight": b.weight(),
+                "state": b.state().as_str(),
+                "instance": b.instance(),
+                "sessions": b.sessions(),
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, &json!(list))
+}
+
+fn drain(proxy: &Proxy, path: &str) -> AdminResponse {
+    let rest = path.trim_start_matches("/backends/");
+    let (id, on) = if let Some(id) = rest.strip_suffix("/drain") {
+        (id, true)
+    } else if let Some(id) = rest.strip_suffix("/undrain") {
+        (id, false)
+    } else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let live = proxy.shared.live.load();
+    let Some(b) = live.backends.get(id) else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"error": format!("no backend with id {id:?}")}),
+        );
+    };
+    b.set_draining(on);
+    tracing::info!(backend = %id, draining = on, "drain state changed by admin API");
+    json_response(
+        StatusCode::OK,
+        &json!({"id": id, "state": b.state().as_str()}),
+    )
+}
+
+fn text(status: StatusCode, body: &'static str) -> AdminResponse {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> AdminResponse {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}

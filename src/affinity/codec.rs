@@ -1,0 +1,215 @@
+//! The sealed affinity cookie: AES-256-GCM over a small binary pin record,
+//! with the cookie name as associated data (a value cannot be replayed under
+//! another cookie name). The first key seals, every key opens (rotation).
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hkdf::Hkdf;
+use rand::RngCore;
+use sha2::Sha256;
+
+use super::{Pin, SessionId};
+use crate::config::KeyMaterial;
+
+const VERSION: u8 = 1;
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+/// Fixed part of the plaintext: version, session id, epoch, issued, refreshed.
+const FIXED_LEN: usize = 1 + 16 + 8 + 8 + 8;
+/// Longest cookie value we try to open; anything longer is garbage.
+const MAX_VALUE_LEN: usize = 1024;
+const HKDF_INFO: &[u8] = b"tether affinity cookie v1";
+
+/// Why a cookie value did not open. Each reason is a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RejectReason {
+    /// Not base64, too short or too long.
+    #[error("malformed")]
+    Malformed,
+    /// No key authenticates it (tampered, truncated or foreign key).
+    #[error("undecryptable")]
+    Undecryptable,
+    /// Authenticated but the record inside is not understood.
+    #[error("bad record")]
+    BadRecord,
+    /// Past `affinity.ttl` or `affinity.idle_timeout`.
+    #[error("expired")]
+    Expired,
+}
+
+impl RejectReason {
+    /// Stable label for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Malformed => "malformed",
+            RejectReason::Undecryptable => "undecryptable",
+            RejectReason::BadRecord => "bad_record",
+            RejectReason::Expired => "expired",
+        }
+    }
+}
+
+/// Seals and opens pins for one cookie name with a list of keys.
+pub struct Codec {
+    ciphers: Vec<Aes256Gcm>,
+    name: String,
+}
+
+impl std::fmt::Debug for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Codec")
+            .field("keys", &self.ciphers.len())
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl Codec {
+    /// Derives one AES-256 key per configured key (HKDF-SHA256), so key
+    /// material of any length ≥ 32 bytes gives a uniform key.
+    pub fn new(keys: &[KeyMaterial], cookie_name: &str) -> Codec {
+        let ciphers = keys
+            .iter()
+            .map(|k| {
+                let hk = Hkdf::<Sha256>::new(None, k.bytes());
+                let mut okm = [0u8; 32];
+                // 32 bytes is far below HKDF-SHA256's 8160-byte output limit.
+                if hk.expand(HKDF_INFO, &mut okm).is_err() {
+                    unreachable!("HKDF output length is fixed and valid");
+                }
+                Aes256Gcm::new(&okm.into())
+            })
+            .collect();
+        Codec {
+            ciphers,
+            name: cookie_name.to_owned(),
+        }
+    }
+
+    /// The cookie name this codec is bound to.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Seals `pin` with the first key into a cookie-safe value.
+    pub fn seal(&self, pin: &Pin) -> String {
+        let mut plain = Vec::with_capacity(FIXED_LEN + 4 + pin.backend.len() + pin.instance.len());
+        plain.push(VERSION);
+        plain.extend_from_slice(&pin.session.0);
+        plain.extend_from_slice(&pin.epoch.to_le_bytes());
+        plain.extend_from_slice(&pin.issued_at.to_le_bytes());
+        plain.extend_from_slice(&pin.refreshed_at.to_le_bytes());
+        push_str(&mut plain, &pin.backend);
+        push_str(&mut plain, &pin.instance);
+
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        let Some(cipher) = self.ciphers.first() else {
+            unreachable!("config validation requires at least one key");
+        };
+        let sealed = match cipher.encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: &plain,
+                aad: self.name.as_bytes(),
+            },
+        ) {
+            Ok(c) => c,
+            // AES-GCM encryption only fails for plaintexts over 64 GiB.
+            Err(_) => unreachable!("pin records are a few hundred bytes"),
+        };
+        let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        URL_SAFE_NO_PAD.encode(out)
+    }
+
+    /// Opens a cookie value. Expiry is checked by the caller (it needs the
+    /// configured lifetimes and the clock).
+    pub fn open(&self, value: &str) -> Result<Pin, RejectReason> {
+        if value.len() > MAX_VALUE_LEN {
+            return Err(RejectReason::Malformed);
+        }
+        let raw = URL_SAFE_NO_PAD
+            .decode(value.as_bytes())
+            .map_err(|_| RejectReason::Malformed)?;
+        if raw.len() < NONCE_LEN + TAG_LEN + FIXED_LEN {
+            return Err(RejectReason::Malformed);
+        }
+        let (nonce, sealed) = raw.split_at(NONCE_LEN);
+        let plain = self
+            .ciphers
+            .iter()
+            .find_map(|c| {
+                c.decrypt(
+                    Nonce::from_slice(nonce),
+                    Payload {
+                        msg: sealed,
+                        aad: self.name.as_bytes(),
+                    },
+                )
+                .ok()
+            })
+            .ok_or(RejectReason::Undecryptable)?;
+        decode_record(&plain).ok_or(RejectReason::BadRecord)
+    }
+}
+
+fn push_str(buf: &mut Vec<u8>, s: &str) {
+    // Backend ids and instance tags are short; longer ones are cut at a
+    // char boundary so the record stays decodable.
+    let mut end = s.len().min(u8::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    buf.push(end as u8);
+    buf.extend_from_slice(&s.as_bytes()[..end]);
+}
+
+fn decode_record(p: &[u8]) -> Option<Pin> {
+    let mut r = Reader(p);
+    if r.take(1)?[0] != VERSION {
+        return None;
+    }
+    let session = SessionId(r.take(16)?.try_into().ok()?);
+    let epoch = r.u64()?;
+    let issued_at = r.u64()?;
+    let refreshed_at = r.u64()?;
+    let backend = r.string()?;
+    let instance = r.string()?;
+    if !r.0.is_empty() {
+        return None;
+    }
+    Some(Pin {
+        session,
+        backend,
+        instance,
+        epoch,
+        issued_at,
+        refreshed_at,
+    })
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let len = self.take(1)?[0] as usize;
+        String::from_utf8(self.take(len)?.to_vec()).ok()
+    }
+}

@@ -1,0 +1,169 @@
+use std::time::Duration;
+
+use super::*;
+use crate::config::{KeyMaterial, OnWorkerLoss};
+
+fn key(b: u8) -> KeyMaterial {
+    KeyMaterial::new(vec![b; 32])
+}
+
+fn pin(now: u64) -> Pin {
+    Pin {
+        session: SessionId([7; 16]),
+        backend: "worker-a".into(),
+        instance: "inst-1".into(),
+        epoch: 3,
+        issued_at: now,
+        refreshed_at: now,
+    }
+}
+
+#[test]
+fn seal_then_open_round_trips() {
+    let c = Codec::new(&[key(1)], "tether");
+    let p = pin(1_700_000_000);
+    assert_eq!(c.open(&c.seal(&p)), Ok(p));
+}
+
+#[test]
+fn two_seals_of_one_pin_differ() {
+    // A fresh nonce per seal: cookies do not reveal that two pins are equal.
+    let c = Codec::new(&[key(1)], "tether");
+    let p = pin(1);
+    assert_ne!(c.seal(&p), c.seal(&p));
+}
+
+#[test]
+fn rotated_key_still_opens_and_new_key_seals() {
+    let old = Codec::new(&[key(1)], "tether");
+    let rotated = Codec::new(&[key(2), key(1)], "tether");
+    let p = pin(5);
+    assert_eq!(rotated.open(&old.seal(&p)), Ok(p.clone()));
+    // The first key seals: a codec with only the old key cannot open it.
+    assert_eq!(
+        old.open(&rotated.seal(&p)),
+        Err(RejectReason::Undecryptable)
+    );
+}
+
+#[test]
+fn rejects_tampered_truncated_garbage_and_foreign() {
+    let c = Codec::new(&[key(1)], "tether");
+    let sealed = c.seal(&pin(9));
+    let mut bytes = sealed.clone().into_bytes();
+    let mid = bytes.len() / 2;
+    bytes[mid] = if bytes[mid] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(bytes).unwrap();
+    // Truncated but still valid base64: the tag no longer authenticates.
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let raw = b64.decode(&sealed).unwrap();
+    let truncated = b64.encode(&raw[..raw.len() - 3]);
+    let cases = [
+        (tampered.as_str(), RejectReason::Undecryptable),
+        (truncated.as_str(), RejectReason::Undecryptable),
+        (&sealed[..20], RejectReason::Malformed),
+        ("not base64 at all!!", RejectReason::Malformed),
+        ("", RejectReason::Malformed),
+    ];
+    for (value, want) in cases {
+        assert_eq!(c.open(value), Err(want), "value {value:?}");
+    }
+    let foreign = Codec::new(&[key(3)], "tether");
+    assert_eq!(foreign.open(&sealed), Err(RejectReason::Undecryptable));
+}
+
+#[test]
+fn a_cookie_is_bound_to_its_name() {
+    let a = Codec::new(&[key(1)], "tether");
+    let b = Codec::new(&[key(1)], "other");
+    assert_eq!(b.open(&a.seal(&pin(1))), Err(RejectReason::Undecryptable));
+}
+
+#[test]
+fn lifetimes_ttl_idle_and_refresh() {
+    let day = Duration::from_secs(86_400);
+    let l = Lifetimes {
+        ttl: day,
+        idle_timeout: None,
+        refresh: Duration::from_secs(3600),
+    };
+    let p = pin(1000);
+    assert!(l.is_alive(&p, 1000));
+    assert!(l.is_alive(&p, 1000 + 86_399));
+    assert!(!l.is_alive(&p, 1000 + 86_400));
+    assert!(
+        !l.needs_refresh(&p, 1000 + 80_000),
+        "no idle timeout: never re-issued"
+    );
+    assert_eq!(l.max_age(&p, 1000), 86_400);
+
+    let idle = Lifetimes {
+        idle_timeout: Some(Duration::from_secs(1800)),
+        ..l
+    };
+    assert!(idle.is_alive(&p, 1000 + 1799));
+    assert!(!idle.is_alive(&p, 1000 + 1800));
+    assert!(!idle.needs_refresh(&p, 1000 + 100));
+    let q = Pin {
+        refreshed_at: 1000 + 86_000,
+        ..p.clone()
+    };
+    assert!(idle.needs_refresh(&q, 1000 + 86_000 + 3600));
+    // Max-Age is the smaller of idle and the remaining absolute life.
+    assert_eq!(idle.max_age(&p, 1000), 1800);
+    assert_eq!(idle.max_age(&q, 1000 + 86_000), 400);
+}
+
+#[test]
+fn decision_table() {
+    use Decision::*;
+    use PinnedState::*;
+    let cases = [
+        (None, OnWorkerLoss::Move, NewSession),
+        (Some(Usable), OnWorkerLoss::Move, Keep),
+        (Some(Down), OnWorkerLoss::Move, Move(MoveReason::Down)),
+        (Some(Removed), OnWorkerLoss::Move, Move(MoveReason::Removed)),
+        (None, OnWorkerLoss::Fail, NewSession),
+        (Some(Usable), OnWorkerLoss::Fail, Keep),
+        (Some(Down), OnWorkerLoss::Fail, Unavailable),
+        (Some(Removed), OnWorkerLoss::Fail, Move(MoveReason::Removed)),
+    ];
+    for (state, loss, want) in cases {
+        assert_eq!(decide(state, loss), want, "{state:?} {loss:?}");
+    }
+}
+
+#[test]
+fn cookie_find_and_strip_keep_other_cookies() {
+    use http::header::{HeaderMap, HeaderValue, COOKIE};
+    let mut h = HeaderMap::new();
+    h.append(COOKIE, HeaderValue::from_static("a=1; tether=XYZ; b=2"));
+    h.append(COOKIE, HeaderValue::from_static("tether=second"));
+    assert_eq!(cookies::find(&h, "tether"), vec!["XYZ", "second"]);
+    cookies::strip(&mut h, "tether");
+    let left: Vec<_> = h.get_all(COOKIE).iter().collect();
+    assert_eq!(left, vec![HeaderValue::from_static("a=1; b=2")]);
+
+    let mut only = HeaderMap::new();
+    only.insert(COOKIE, HeaderValue::from_static("tether=x"));
+    cookies::strip(&mut only, "tether");
+    assert!(!only.contains_key(COOKIE));
+}
+
+#[test]
+fn pin_table_is_bounded() {
+    let t = pins::PinTable::new(64);
+    for i in 0..1000u64 {
+        t.insert(
+            &format!("key-{i}"),
+            Pin {
+                refreshed_at: i,
+                ..pin(i)
+            },
+        );
+    }
+    assert!(t.len() <= 64, "len {}", t.len());
+    // The most recent key survives eviction.
+    assert!(t.get("key-999").is_some());
+}

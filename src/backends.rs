@@ -1,0 +1,261 @@
+//! The worker set: each backend's identity, live state and counters.
+//!
+//! A [`BackendSet`] is immutable and swapped whole on reload; the
+//! [`Backend`]s inside are shared between sets (same id and url) so their
+//! health, instance and session counts survive a reload.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::uri::Authority;
+
+use crate::config::BackendConfig;
+
+/// A backend's state as shown to operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Receives new sessions.
+    Up,
+    /// Failed probes or ejected: its users move.
+    Down,
+    /// No new sessions; pinned users stay until the drain timeout.
+    Draining,
+}
+
+impl State {
+    /// Stable label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Up => "up",
+            State::Down => "down",
+            State::Draining => "draining",
+        }
+    }
+}
+
+/// One worker.
+#[derive(Debug)]
+pub struct Backend {
+    /// Stable id (what cookies name).
+    pub id: String,
+    /// Base URL as configured.
+    pub url: http::Uri,
+    /// `host:port` to connect to.
+    pub authority: Authority,
+    weight: AtomicU32,
+    probe_up: AtomicBool,
+    draining: AtomicBool,
+    /// Draining since (for the drain timeout).
+    drain_started: Mutex<Option<Instant>>,
+    /// Passive ejection: until this many ms after `epoch`, 0 = not ejected.
+    ejected_until_ms: AtomicU64,
+    ejections: AtomicU32,
+    consecutive_failures: AtomicU32,
+    sessions: AtomicI64,
+    instance: Mutex<Option<String>>,
+    born: Instant,
+}
+
+impl Backend {
+    /// A backend from its config, initially up (probes adjust it).
+    pub fn new(cfg: &BackendConfig) -> Backend {
+        let authority = cfg
+            .url
+            .authority()
+            .cloned()
+            .unwrap_or_else(|| Authority::from_static("invalid:0"));
+        Backend {
+            id: cfg.id.clone(),
+            url: cfg.url.clone(),
+            authority,
+            weight: AtomicU32::new(cfg.weight.max(1)),
+            probe_up: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            drain_started: Mutex::new(None),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            sessions: AtomicI64::new(0),
+            instance: Mutex::new(None),
+            born: Instant::now(),
+        }
+    }
+
+    /// Balancing weight (≥ 1).
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    /// Whether pinned users may reach it (up or draining, not ejected).
+    pub fn is_usable(&self) -> bool {
+        self.probe_up.load(Ordering::Relaxed) && !self.is_ejected()
+    }
+
+    /// Whether new sessions may land on it.
+    pub fn accepts_new(&self) -> bool {
+        self.is_usable() && !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether a passive ejection is in force.
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && self.now_ms() < until
+    }
+
+    /// The state shown to operators.
+    pub fn state(&self) -> State {
+        if !self.is_usable() {
+            State::Down
+        } else if self.draining.load(Ordering::Relaxed) {
+            State::Draining
+        } else {
+            State::Up
+        }
+    }
+
+    /// Sets the active-probe verdict.
+    pub fn set_probe_up(&self, up: bool) {
+        self.probe_up.store(up, Ordering::Relaxed);
+        if up {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Active-probe verdict.
+    pub fn probe_up(&self) -> bool {
+        self.probe_up.load(Ordering::Relaxed)
+    }
+
+    /// Marks the worker down at once (connection refused or reset).
+    pub fn mark_down(&self) {
+        self.probe_up.store(false, Ordering::Relaxed);
+    }
+
+    /// Starts or stops draining.
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Ordering::Relaxed);
+        let mut started = self.drain_started.lock().unwrap_or_else(|p| p.into_inner());
+        *started = if on { Some(Instant::now()) } else { None };
+    }
+
+    /// How long the worker has been draining.
+    pub fn draining_for(&self) -> Option<Duration> {
+        let started = self.drain_started.lock().unwrap_or_else(|p| p.into_inner());
+        started.map(|t| t.elapsed())
+    }
+
+    /// Counts a passive failure (502/503/504/timeout). Returns the ejection
+    /// time when this failure opened the circuit.
+    pub fn passive_failure(&self, threshold: u32, cooldown: Duration) -> Option<Duration> {
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < threshold {
+            return None;
+        }
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        let k = self.ejections.fetch_add(1, Ordering::Relaxed).min(6);
+        let time = cooldown.saturating_mul(1 << k);
+        let until = self.now_ms() + time.as_millis() as u64;
+        self.ejected_until_ms.store(until.max(1), Ordering::Relaxed);
+        Some(time)
+    }
+
+    /// A success resets the consecutive-failure count. The ejection count
+    /// (which doubles the cooldown) is reset only by a healthy probe streak.
+    pub fn passive_success(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Forgets past ejections (after `rise` successful probes).
+    pub fn forgive(&self) {
+        self.ejections.store(0, Ordering::Relaxed);
+    }
+
+    /// Live pinned sessions.
+    pub fn sessions(&self) -> i64 {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn sessions_inc(&self) {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sessions_dec(&self) {
+        self.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The last `Tether-Instance` seen from this worker.
+    pub fn instance(&self) -> Option<String> {
+        self.instance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records a `Tether-Instance` value; returns the previous one when it
+    /// changed (the worker restarted with empty memory).
+    pub fn observe_instance(&self, seen: &str) -> Option<String> {
+        let mut cur = self.instance.lock().unwrap_or_else(|p| p.into_inner());
+        match cur.as_deref() {
+            Some(old) if old == seen => None,
+            Some(old) => {
+                let old = old.to_owned();
+                *cur = Some(seen.to_owned());
+                Some(old)
+            }
+            None => {
+                *cur = Some(seen.to_owned());
+                None
+            }
+        }
+    }
+}
+
+/// An immutable set of backends, indexed by id.
+#[derive(Debug, Default)]
+pub struct BackendSet {
+    list: Vec<Arc<Backend>>,
+    by_id: HashMap<String, usize>,
+}
+
+impl BackendSet {
+    /// Builds a set from config, reusing backends of `previous` whose id and
+    /// url are unchanged (their health and counters carry over).
+    pub fn build(configs: &[BackendConfig], previous: Option<&BackendSet>) -> BackendSet {
+        let mut list = Vec::with_capacity(configs.len());
+        let mut by_id = HashMap::with_capacity(configs.len());
+        for cfg in configs {
+            let reused = previous
+                .and_then(|p| p.get(&cfg.id))
+                .filter(|b| b.url == cfg.url)
+                .cloned();
+            if let Some(b) = &reused {
+                b.weight.store(cfg.weight.max(1), Ordering::Relaxed);
+            }
+            let backend = reused.unwrap_or_else(|| Arc::new(Backend::new(cfg)));
+            by_id.insert(cfg.id.clone(), list.len());
+            list.push(backend);
+        }
+        BackendSet { list, by_id }
+    }
+
+    /// The backend with this id.
+    pub fn get(&self, id: &str) -> Option<&Arc<Backend>> {
+        self.by_id.get(id).map(|&i| &self.list[i])
+    }
+
+    /// All backends in config order.
+    pub fn all(&self) -> &[Arc<Backend>] {
+        &self.list
+    }
+
+    /// Number of backends that are usable.
+    pub fn usable_count(&self) -> usize {
+        self.list.iter().filter(|b| b.is_usable()).count()
+    }
+}

@@ -1,0 +1,373 @@
+//! Configuration: the TOML file as plain serde structs (`raw`), turned into a
+//! validated [`Config`] whose errors name the offending key.
+//!
+//! `raw::RawConfig` mirrors the file one to one (`deny_unknown_fields`
+//! everywhere, so a misspelt key is reported with its line by the toml
+//! crate). `TryFrom<RawConfig> for Config` does the semantic checks.
+
+mod raw;
+mod secret;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use raw::RawConfig;
+pub use secret::{KeyMaterial, Secret};
+
+/// Errors met while loading a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The path that was read.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or did not match the schema (the message names
+    /// the key, line and column).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The toml crate's message, with line, column and key.
+        message: String,
+    },
+    /// `${VAR}` named an environment variable that is not set.
+    #[error("{key}: environment variable {var} is not set")]
+    MissingEnv {
+        /// The dotted key whose value referenced the variable.
+        key: String,
+        /// The variable name.
+        var: String,
+    },
+    /// A value is syntactically fine but not acceptable.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The dotted key path, e.g. `backends[1].id`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `[runtime]`
+    pub runtime: Runtime,
+    /// `[listen]`
+    pub listen: Listen,
+    /// `[tls]`, required when `listen.https` is set.
+    pub tls: Option<Tls>,
+    /// `[admin]`
+    pub admin: Admin,
+    /// `[affinity]`
+    pub affinity: Affinity,
+    /// `[balance]`
+    pub balance: Balance,
+    /// `[[backends]]`, at least one unless discovery is configured.
+    pub backends: Vec<BackendConfig>,
+    /// `[discovery]`
+    pub discovery: Option<Discovery>,
+    /// `[health]`
+    pub health: Health,
+    /// `[passive]`
+    pub passive: Passive,
+    /// `[drain]`
+    pub drain: Drain,
+    /// `[state]`
+    pub state: State,
+    /// `[limits]`
+    pub limits: Limits,
+    /// `[shutdown]`
+    pub shutdown: Shutdown,
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// Tokio worker threads; `None` means one per core.
+    pub threads: Option<usize>,
+}
+
+/// `[listen]`
+#[derive(Debug, Clone)]
+pub struct Listen {
+    /// Plain HTTP listener.
+    pub http: Option<SocketAddr>,
+    /// HTTPS listener (needs `[tls]`).
+    pub https: Option<SocketAddr>,
+    /// Admin listener (default `127.0.0.1:9900`).
+    pub admin: SocketAddr,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// Default certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Default private key (PEM).
+    pub key: PathBuf,
+    /// Extra certificates chosen by SNI.
+    pub sni: Vec<SniCert>,
+}
+
+/// `[[tls.sni]]`
+#[derive(Debug, Clone)]
+pub struct SniCert {
+    /// Server name (lower-case DNS name).
+    pub name: String,
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Default)]
+pub struct Admin {
+    /// Optional bearer token for the admin API.
+    pub token: Option<Secret>,
+}
+
+/// `affinity.same_site`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    /// `SameSite=Strict`
+    Strict,
+    /// `SameSite=Lax` (default)
+    Lax,
+    /// `SameSite=None` (requires `Secure`)
+    None,
+}
+
+/// `affinity.secure`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecureMode {
+    /// Set `Secure` when the request came over TLS (default).
+    Auto,
+    /// Always set `Secure`.
+    Always,
+    /// Never set `Secure`.
+    Never,
+}
+
+/// Where a request's affinity key comes from (`affinity.key` entries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `"cookie"`: the sealed affinity cookie.
+    Cookie,
+    /// `"header:NAME"`: a request header (name lower-cased).
+    Header(http::HeaderName),
+}
+
+/// `balance.key`: what rendezvous hashing hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BalanceKey {
+    /// `"header:NAME"`
+    Header(http::HeaderName),
+    /// `"cookie:NAME"`: a (non-affinity) cookie of the request.
+    Cookie(String),
+}
+
+/// `affinity.on_worker_loss`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnWorkerLoss {
+    /// Re-pin and restore (default).
+    Move,
+    /// Answer `503` until the pinned worker returns.
+    Fail,
+}
+
+/// `[affinity]`
+#[derive(Debug, Clone)]
+pub struct Affinity {
+    /// Cookie name (default `tether`).
+    pub cookie: String,
+    /// Decoded key material, each ≥ 32 bytes; the first seals, all open.
+    pub keys: Vec<KeyMaterial>,
+    /// Absolute life of a pin (default 24 h).
+    pub ttl: Duration,
+    /// Optional idle timeout.
+    pub idle_timeout: Option<Duration>,
+    /// Minimum interval between cookie re-issues (default 1 h).
+    pub refresh: Duration,
+    /// `SameSite` attribute.
+    pub same_site: SameSite,
+    /// `Secure` attribute mode.
+    pub secure: SecureMode,
+    /// `HttpOnly` attribute (default true).
+    pub http_only: bool,
+    /// `Path` attribute (default `/`).
+    pub path: String,
+    /// Optional `Domain` attribute.
+    pub domain: Option<String>,
+    /// Key sources tried in order (default `["cookie"]`).
+    pub key: Vec<KeySource>,
+    /// What happens when the pinned worker is lost.
+    pub on_worker_loss: OnWorkerLoss,
+}
+
+/// `balance.policy`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Fewest live sessions per weight, power of two choices (default).
+    LeastSessions,
+    /// Highest-random-weight hashing of `balance.key`.
+    Rendezvous,
+    /// Weighted round robin.
+    RoundRobin,
+}
+
+/// `[balance]`
+#[derive(Debug, Clone)]
+pub struct Balance {
+    /// Policy for new sessions.
+    pub policy: Policy,
+    /// Key for rendezvous hashing; falls back to the session id.
+    pub key: Option<BalanceKey>,
+}
+
+/// One `[[backends]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Stable id, named by cookies.
+    pub id: String,
+    /// Base URL, `http://host:port` (no path).
+    pub url: http::Uri,
+    /// Weight (default 1, ≥ 1).
+    pub weight: u32,
+}
+
+/// `[discovery]`
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    /// DNS name to resolve.
+    pub dns: String,
+    /// Port of every discovered worker.
+    pub port: u16,
+    /// Re-resolve interval (default 10 s).
+    pub interval: Duration,
+}
+
+/// `[health]`
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// Probe path (default `/health`).
+    pub path: String,
+    /// Probe interval (default 2 s).
+    pub interval: Duration,
+    /// Probe timeout (default 1 s).
+    pub timeout: Duration,
+    /// Failures that mark a worker down (default 3).
+    pub fall: u32,
+    /// Successes that mark a worker up (default 2).
+    pub rise: u32,
+}
+
+/// `[passive]`
+#[derive(Debug, Clone)]
+pub struct Passive {
+    /// Consecutive 502/503/504/timeouts that open the circuit (default 3).
+    pub failures: u32,
+    /// First ejection time (default 30 s), doubled for repeat offenders.
+    pub cooldown: Duration,
+}
+
+/// `[drain]`
+#[derive(Debug, Clone)]
+pub struct Drain {
+    /// How long pinned users may stay on a draining worker (default 10 min).
+    pub timeout: Duration,
+}
+
+/// `state.on_restore_failure`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRestoreFailure {
+    /// `503` with `Retry-After` (default).
+    Unavailable,
+    /// Forward without history, with `Tether-Restore: failed`.
+    Continue,
+}
+
+/// `[state]`
+#[derive(Debug, Clone)]
+pub struct State {
+    /// Store URL: `sqlite://…` (default `sqlite://tether.db`) or `postgres://…`.
+    pub store: Secret,
+    /// Reserved worker-contract prefix (default `/_tether`), no trailing slash.
+    pub path: String,
+    /// Optional bearer token sent to workers on contract calls.
+    pub token: Option<Secret>,
+    /// What a failed restore does.
+    pub on_restore_failure: OnRestoreFailure,
+    /// Deadline for one session's restore (default 5 s).
+    pub restore_timeout: Duration,
+    /// How long expired rows are kept (default 7 d).
+    pub retention: Duration,
+    /// Bound of the background queues (default 10000).
+    pub queue: usize,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Concurrent client connections (default 10000).
+    pub max_connections: usize,
+    /// Largest request head (default 65536).
+    pub max_header_bytes: usize,
+    /// Deadline for a whole request head (default 10 s).
+    pub header_timeout: Duration,
+    /// Keep-alive idle time of a client connection (default 60 s).
+    pub idle_timeout: Duration,
+    /// Longest silence on a streaming body or tunnel (default 15 min).
+    pub stream_idle: Duration,
+    /// Largest request body; `None` means unlimited (streamed).
+    pub max_body_bytes: Option<u64>,
+    /// Deadline to connect to a worker (default 5 s).
+    pub connect_timeout: Duration,
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    /// How long in-flight requests may run after SIGTERM (default 30 s).
+    pub grace: Duration,
+}
+
+impl Config {
+    /// Reads, interpolates and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text, path)
+    }
+
+    /// Parses and validates TOML text; `origin` names the file in errors.
+    pub fn from_toml_str(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Config::try_from(raw)
+    }
+}

@@ -1,0 +1,129 @@
+//! Restoring a session's threads into a worker: every stored thread is
+//! sent whole with `PUT`; the worker's existing thread always wins. Nothing
+//! here can delete, empty or overwrite a thread.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::contract::{Contract, ContractError, Imported};
+use crate::backends::Backend;
+use crate::config::State;
+use crate::store::{Store, StoreError};
+
+/// Why a restore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The worker did not take a thread.
+    #[error(transparent)]
+    Contract(#[from] ContractError),
+    /// `state.restore_timeout` passed.
+    #[error("restore did not finish within {0:?}")]
+    Timeout(std::time::Duration),
+    /// No store is connected.
+    #[error("the store is unavailable")]
+    NoStore,
+    /// Another replica's restore failed or did not finish.
+    #[error("the restore by another replica did not complete")]
+    Elsewhere,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Threads sent.
+    pub threads: u64,
+    /// Created on the worker (`201`).
+    pub created: u64,
+    /// Already held or tail appended (`200`).
+    pub merged: u64,
+    /// Divergent copies kept (`409`).
+    pub diverged: u64,
+}
+
+/// Sends every stored thread of `session` to `backend`.
+pub async fn restore_threads(
+    store: &Arc<dyn Store>,
+    contract: &Contract,
+    backend: &Backend,
+    state: &State,
+    session: &str,
+    epoch: u64,
+) -> Result<Report, RestoreError> {
+    let mut report = Report::default();
+    for thread in store.threads(session).await? {
+        if thread.seq == 0 {
+            // Never send an empty thread: it could only create emptiness.
+            continue;
+        }
+        let bodies = store
+            .entries(session, &thread.thread_id, thread.seq)
+            .await?;
+        if bodies.len() as u64 != thread.seq {
+            // The head says T but fewer rows exist: send what is
+            // contiguous from 1 (the worker accepts any prefix).
+            tracing::warn!(session, thread = %thread.thread_id, head = thread.seq, rows = bodies.len(), "stored thread shorter than its head");
+        }
+        if bodies.is_empty() {
+            continue;
+        }
+        let body = import_body(bodies.len() as u64, &bodies, thread.state.as_deref());
+        let outcome = contract
+            .import(backend, state, session, epoch, &thread.thread_id, body)
+            .await?;
+        report.threads += 1;
+        match outcome {
+            Imported::Created => report.created += 1,
+            Imported::Merged => report.merged += 1,
+            Imported::Diverged => {
+                tracing::info!(session, thread = %thread.thread_id, backend = %backend.id, "worker holds a divergent thread: kept as it is");
+                report.diverged += 1;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// `{"seq": T, "entries": [...], "state": ...}` from stored JSON texts,
+/// without re-parsing them.
+pub fn import_body(seq: u64, entries: &[String], state: Option<&str>) -> Bytes {
+    let len: usize = entries.iter().map(|e| e.len() + 1).sum::<usize>() + 64;
+    let mut out = String::with_capacity(len + state.map_or(4, str::len));
+    out.push_str("{\"seq\":");
+    out.push_str(&seq.to_string());
+    out.push_str(",\"entries\":[");
+    for (i, e) in entries.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(e);
+    }
+    out.push_str("],\"state\":");
+    out.push_str(state.unwrap_or("null"));
+    out.push('}');
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn import_body_is_valid_json() {
+        let b = import_body(
+            2,
+            &["{\"seq\":1}".into(), "{\"seq\":2,\"x\":[1]}".into()],
+            Some("{\"k\":1}"),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["seq"], 2);
+        assert_eq!(v["entries"][1]["x"][0], 1);
+        assert_eq!(v["state"]["k"], 1);
+        let none = import_body(1, &["{\"seq\":1}".into()], None);
+        let v: serde_json::Value = serde_json::from_slice(&none).unwrap();
+        assert!(v["state"].is_null());
+    }
+}

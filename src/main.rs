@@ -1,0 +1,244 @@
+//! The `tether` binary: CLI, config, tracing, runtime, signals, exit codes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode};
+use std::sync::Arc;
+
+use anyhow::Context;
+use base64::Engine;
+use clap::{Parser, Subcommand, ValueEnum};
+use rand::RngCore;
+use tether::clock::SystemClock;
+use tether::config::Config;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tether",
+    version,
+    about = "Sticky-session reverse proxy that restores conversation state on worker loss"
+)]
+struct Cli {
+    /// Config file.
+    #[arg(long, global = true, default_value = "config/tether.toml")]
+    config: PathBuf,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Validate the config file and exit (0 when valid).
+    Check,
+    /// Run tether (the default).
+    Run,
+    /// Start three local demo workers and tether in front of them.
+    Demo {
+        /// Proxy listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Admin listen address.
+        #[arg(long, default_value = "127.0.0.1:9900")]
+        admin: SocketAddr,
+        /// First worker port (workers use this and the next two).
+        #[arg(long, default_value_t = 9001)]
+        worker_port: u16,
+        /// Data directory (SQLite store).
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+    },
+    /// Run one demo worker (what `demo` starts three of).
+    Worker {
+        /// Worker id, echoed in every answer.
+        #[arg(long)]
+        id: String,
+        /// Listen address.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let result = match &cli.command {
+        Some(Cmd::Check) => check(&cli.config),
+        None | Some(Cmd::Run) => run_file(&cli.config),
+        Some(Cmd::Demo {
+            listen,
+            admin,
+            worker_port,
+            data,
+        }) => demo(*listen, *admin, *worker_port, data),
+        Some(Cmd::Worker { id, listen }) => worker(id.clone(), *listen),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn check(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    if let Some(tls) = &config.tls {
+        tether::server::tls::server_config(tls)?;
+    }
+    println!(
+        "{}: ok ({} backends)",
+        path.display(),
+        config.backends.len()
+    );
+    Ok(())
+}
+
+fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.enable_all();
+    if let Some(n) = threads {
+        b.worker_threads(n);
+    }
+    b.build().context("cannot start the async runtime")
+}
+
+fn run_file(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let rt = runtime(config.runtime.threads)?;
+    rt.block_on(serve(
+        config,
+        Some(path.to_path_buf()),
+        CancellationToken::new(),
+    ))
+}
+
+/// Runs until SIGTERM/SIGINT; SIGHUP reloads `path`.
+async fn serve(
+    config: Config,
+    path: Option<PathBuf>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let handle = tether::server::start(config, Arc::new(SystemClock)).await?;
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = stop.cancelled() => break,
+            _ = hup.recv() => {
+                let Some(path) = &path else { continue };
+                match Config::load(path).map_err(anyhow::Error::from).and_then(|c| handle.reload(c).map_err(Into::into)) {
+                    Ok(()) => tracing::info!(config = %path.display(), "config reloaded"),
+                    Err(e) => tracing::error!(config = %path.display(), error = %format!("{e:#}"), "reload refused: keeping the running config"),
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+    handle.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn worker(id: String, listen: SocketAddr) -> anyhow::Result<()> {
+    let rt = runtime(Some(1))?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("worker {id}: cannot listen on {listen}"))?;
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            c.cancel();
+        });
+        tether::worker::RefWorker::new(&id, None)
+            .serve(listener, cancel)
+            .await;
+        Ok(())
+    })
+}
+
+/// Kills the demo's worker processes when the demo ends.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn demo(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    worker_port: u16,
+    data: &Path,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data)
+        .with_context(|| format!("cannot create data directory {}", data.display()))?;
+    let exe = std::env::current_exe().context("cannot find the tether executable")?;
+    let ids = ["worker-a", "worker-b", "worker-c"];
+    let mut workers = Vec::new();
+    let mut children = Children(Vec::new());
+    for (i, id) in ids.iter().enumerate() {
+        let port = worker_port
+            .checked_add(i as u16)
+            .context("--worker-port too high")?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let child = Command::new(&exe)
+            .args(["worker", "--id", id, "--listen", &addr.to_string()])
+            .spawn()
+            .with_context(|| format!("cannot start demo worker {id}"))?;
+        println!("  {id}: http://{addr}  (pid {})", child.id());
+        children.0.push(child);
+        workers.push((id.to_string(), addr));
+    }
+    let mut key = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut key);
+    let key = base64::engine::general_purpose::STANDARD.encode(key);
+    let store = format!("sqlite://{}/tether.db", data.display());
+    let text = tether::demo::config_text(listen, admin, &workers, &key, &store);
+    let config = Config::from_toml_str(&text, Path::new("<demo>"))?;
+    let pids: Vec<String> = children.0.iter().map(|c| c.id().to_string()).collect();
+    println!(
+        "\ntether demo: proxy http://{listen}  admin http://{admin}\n\n\
+         Try:\n  curl -c /tmp/jar -b /tmp/jar http://{listen}/chat    # repeat: same worker, the count goes up\n  \
+         curl http://{listen}/chat                              # no cookie: a new session, maybe another worker\n  \
+         curl http://{admin}/backends\n  \
+         kill {}        # stop worker-a; its users move on their next request\n\nCtrl-C stops everything.\n",
+        pids.first().map(String::as_str).unwrap_or("")
+    );
+    let rt = runtime(None)?;
+    let result = rt.block_on(serve(config, None, CancellationToken::new()));
+    drop(children);
+    result
+}

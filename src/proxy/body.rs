@@ -1,0 +1,233 @@
+//! Bodies: the boxed body type both directions use, a request body that can
+//! be replayed on a retry, and an idle timeout for long streams.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use tokio::time::{Instant, Sleep};
+
+/// Errors inside bodies, boxed (hyper's and ours).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every request and response tether forwards.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// An empty body.
+pub fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// A body of fixed bytes.
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// Error raised when a stream stays silent longer than `limits.stream_idle`.
+#[derive(Debug, thiserror::Error)]
+#[error("stream idle for longer than {0:?}")]
+pub struct StreamIdle(pub Duration);
+
+pin_project_lite::pin_project! {
+    /// Ends a body with [`StreamIdle`] when no frame arrives for `idle`.
+    /// A total timeout would cut long SSE streams; silence is what matters.
+    pub struct IdleBody<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        sleep: Sleep,
+        idle: Duration,
+    }
+}
+
+impl<B> IdleBody<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B, idle: Duration) -> Self {
+        IdleBody {
+            inner,
+            sleep: tokio::time::sleep(idle),
+            idle,
+        }
+    }
+}
+
+impl<B> Body for IdleBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = Instant::now() + *this.idle;
+                this.sleep.as_mut().reset(deadline);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                ready!(this.sleep.poll(cx));
+                Poll::Ready(Some(Err(Box::new(StreamIdle(*this.idle)))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+struct ReplayState {
+    source: Option<ProxyBody>,
+    frames: Vec<Frame<Bytes>>,
+    buffered: usize,
+    cap: usize,
+    overflowed: bool,
+    started: bool,
+    ended: bool,
+}
+
+/// A request body that remembers what it sent (up to a cap) so a retry can
+/// send it again. Every clone reads the same source: frames taken from it
+/// by any attempt are recorded, and each attempt first replays the record.
+pub struct ReplayBody {
+    state: Arc<Mutex<ReplayState>>,
+    pos: usize,
+    hint: SizeHint,
+}
+
+impl ReplayBody {
+    /// Wraps `source`, remembering at most `cap` bytes.
+    pub fn new(source: ProxyBody, cap: usize) -> ReplayBody {
+        let hint = source.size_hint();
+        ReplayBody {
+            state: Arc::new(Mutex::new(ReplayState {
+                source: Some(source),
+                frames: Vec::new(),
+                buffered: 0,
+                cap,
+                overflowed: false,
+                started: false,
+                ended: false,
+            })),
+            pos: 0,
+            hint,
+        }
+    }
+
+    /// Another attempt at sending the same body, or `None` when it cannot be
+    /// reproduced (more than the cap was already sent).
+    pub fn try_clone(&self) -> Option<ReplayBody> {
+        let st = self.lock();
+        if st.overflowed {
+            return None;
+        }
+        Some(ReplayBody {
+            state: self.state.clone(),
+            pos: 0,
+            hint: self.hint,
+        })
+    }
+
+    /// Whether any byte of the body has been taken from the client yet.
+    pub fn started(&self) -> bool {
+        self.lock().started
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReplayState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn copy_frame(f: &Frame<Bytes>) -> Option<Frame<Bytes>> {
+    if let Some(d) = f.data_ref() {
+        Some(Frame::data(d.clone()))
+    } else {
+        f.trailers_ref().map(|t| Frame::trailers(t.clone()))
+    }
+}
+
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let pos = self.pos;
+        let mut st = self.lock();
+        if pos < st.frames.len() {
+            let frame = copy_frame(&st.frames[pos]);
+            drop(st);
+            self.pos += 1;
+            return Poll::Ready(frame.map(Ok));
+        }
+        if st.ended {
+            return Poll::Ready(None);
+        }
+        let Some(source) = st.source.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(source).poll_frame(cx);
+        match polled {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                st.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                // A broken client body cannot be replayed either.
+                st.overflowed = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                st.started = true;
+                let len = frame.data_ref().map(|d| d.len()).unwrap_or(0);
+                let recorded = !st.overflowed && st.buffered + len <= st.cap;
+                if recorded {
+                    if let Some(copy) = copy_frame(&frame) {
+                        st.buffered += len;
+                        st.frames.push(copy);
+                    }
+                } else {
+                    st.overflowed = true;
+                }
+                drop(st);
+                if recorded {
+                    self.pos += 1;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let st = self.lock();
+        if self.pos < st.frames.len() {
+            return false;
+        }
+        st.ended || st.source.as_ref().is_none_or(|s| s.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.hint
+    }
+}

@@ -1,0 +1,202 @@
+//! Header hygiene: request-smuggling checks, hop-by-hop stripping both
+//! ways, and the headers tether sets for workers.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Method;
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Client-supplied forwarding headers: replaced, never trusted.
+const FORWARDING: [HeaderName; 5] = [
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-host"),
+    header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+];
+
+/// `Tether-Session`: the session id sent to workers.
+pub const TETHER_SESSION: HeaderName = HeaderName::from_static("tether-session");
+/// `Tether-Epoch`: the pin epoch (fencing token) sent to workers.
+pub const TETHER_EPOCH: HeaderName = HeaderName::from_static("tether-epoch");
+/// `Tether-Instance`: a worker's process identity.
+pub const TETHER_INSTANCE: HeaderName = HeaderName::from_static("tether-instance");
+/// `Tether-Checkpoint`: a worker's hint that threads changed.
+pub const TETHER_CHECKPOINT: HeaderName = HeaderName::from_static("tether-checkpoint");
+/// `Idempotency-Key`: makes a non-idempotent request safe to retry.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// Why a request head was refused with `400`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Smuggling {
+    /// Both `Content-Length` and `Transfer-Encoding`.
+    #[error("both Content-Length and Transfer-Encoding")]
+    LengthAndChunked,
+    /// Several `Content-Length` values that differ, or one that is not a number.
+    #[error("invalid or conflicting Content-Length")]
+    BadContentLength,
+    /// A `Transfer-Encoding` whose last coding is not `chunked`.
+    #[error("Transfer-Encoding does not end in chunked")]
+    TransferEncoding,
+}
+
+/// Checks the framing headers hyper leaves to us: whatever two parsers
+/// could disagree on is refused (request smuggling).
+pub fn check_framing(h: &HeaderMap) -> Result<(), Smuggling> {
+    let has_te = h.contains_key(header::TRANSFER_ENCODING);
+    let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
+    if let Some(first) = lengths.next() {
+        if has_te {
+            return Err(Smuggling::LengthAndChunked);
+        }
+        let first = parse_length(first)?;
+        for other in lengths {
+            if parse_length(other)? != first {
+                return Err(Smuggling::BadContentLength);
+            }
+        }
+    }
+    if has_te {
+        let last = h
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|s| !s.is_empty());
+        if !last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
+            return Err(Smuggling::TransferEncoding);
+        }
+    }
+    Ok(())
+}
+
+fn parse_length(v: &HeaderValue) -> Result<u64, Smuggling> {
+    // A list like "5, 5" is several values in one header.
+    let mut value = None;
+    for part in v
+        .to_str()
+        .map_err(|_| Smuggling::BadContentLength)?
+        .split(',')
+    {
+        let part = part.trim();
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Smuggling::BadContentLength);
+        }
+        let n: u64 = part.parse().map_err(|_| Smuggling::BadContentLength)?;
+        if value.is_some_and(|v| v != n) {
+            return Err(Smuggling::BadContentLength);
+        }
+        value = Some(n);
+    }
+    value.ok_or(Smuggling::BadContentLength)
+}
+
+/// Whether the request asks for a protocol upgrade (WebSocket).
+pub fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE) && connection_has(h, "upgrade")
+}
+
+fn connection_has(h: &HeaderMap, token: &str) -> bool {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers and every header that `Connection` names.
+/// With `keep_upgrade`, `Upgrade` and `Connection: upgrade` survive (the
+/// upgrade handshake must reach the other side).
+pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .collect();
+        for name in named {
+            h.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        h.remove(name);
+    }
+    if keep_upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::UPGRADE);
+    }
+}
+
+/// What the proxy knows about the client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// The client's socket address.
+    pub addr: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+/// Rewrites a client request's headers for the worker: forwarding headers
+/// from the socket (client copies replaced), `Tether-*` set by tether only.
+pub fn rewrite_request(h: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>) {
+    for name in &FORWARDING {
+        h.remove(name);
+    }
+    // Every Tether-* header is ours to set; a client's copy is dropped.
+    let tether: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("tether-"))
+        .cloned()
+        .collect();
+    for name in tether {
+        h.remove(name);
+    }
+    let ip = peer.addr.ip();
+    let proto = if peer.tls { "https" } else { "http" };
+    if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+        h.insert(FORWARDING[0].clone(), v);
+    }
+    h.insert(FORWARDING[1].clone(), HeaderValue::from_static(proto));
+    let host_str = host.and_then(|v| v.to_str().ok());
+    if let Some(v) = host {
+        h.insert(FORWARDING[2].clone(), v.clone());
+    }
+    let for_node = match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let forwarded = match host_str {
+        Some(host) if host.bytes().all(|b| b.is_ascii_graphic() && b != b'"') => {
+            format!("for={for_node};proto={proto};host=\"{host}\"")
+        }
+        _ => format!("for={for_node};proto={proto}"),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        h.insert(header::FORWARDED, v);
+    }
+}
+
+/// Whether a request may be sent again after it reached a worker.
+pub fn is_retry_safe(method: &Method, h: &HeaderMap) -> bool {
+    method.is_idempotent() || h.contains_key(IDEMPOTENCY_KEY)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,98 @@
+use http::header::{HeaderMap, HeaderValue};
+
+use super::*;
+
+fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    h
+}
+
+type Case<'a> = (&'a [(&'a str, &'a str)], Result<(), Smuggling>);
+
+#[test]
+fn framing_table() {
+    let cases: &[Case] = &[
+        (&[("content-length", "5")], Ok(())),
+        (&[("content-length", "5"), ("content-length", "5")], Ok(())),
+        (&[("content-length", "5, 5")], Ok(())),
+        (
+            &[("content-length", "5"), ("content-length", "6")],
+            Err(Smuggling::BadContentLength),
+        ),
+        (
+            &[("content-length", "5, 6")],
+            Err(Smuggling::BadContentLength),
+        ),
+        (
+            &[("content-length", "+5")],
+            Err(Smuggling::BadContentLength),
+        ),
+        (
+            &[("content-length", "5"), ("transfer-encoding", "chunked")],
+            Err(Smuggling::LengthAndChunked),
+        ),
+        (&[("transfer-encoding", "chunked")], Ok(())),
+        (&[("transfer-encoding", "gzip, chunked")], Ok(())),
+        (
+            &[("transfer-encoding", "chunked, gzip")],
+            Err(Smuggling::TransferEncoding),
+        ),
+        (
+            &[("transfer-encoding", "identity")],
+            Err(Smuggling::TransferEncoding),
+        ),
+    ];
+    for (pairs, want) in cases {
+        assert_eq!(check_framing(&map(pairs)), *want, "{pairs:?}");
+    }
+}
+
+#[test]
+fn strips_hop_by_hop_and_connection_named_headers() {
+    let mut h = map(&[
+        ("connection", "keep-alive, x-secret"),
+        ("keep-alive", "timeout=5"),
+        ("x-secret", "1"),
+        ("te", "trailers"),
+        ("upgrade", "websocket"),
+        ("x-kept", "yes"),
+    ]);
+    strip_hop_by_hop(&mut h, false);
+    let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+    assert_eq!(names, ["x-kept"]);
+
+    let mut up = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+    strip_hop_by_hop(&mut up, true);
+    assert_eq!(up.get("upgrade").unwrap(), "websocket");
+    assert_eq!(up.get("connection").unwrap(), "upgrade");
+}
+
+#[test]
+fn forwarding_headers_are_replaced_from_the_socket() {
+    let mut h = map(&[
+        ("x-forwarded-for", "6.6.6.6"),
+        ("forwarded", "for=6.6.6.6"),
+        ("tether-session", "forged"),
+        ("tether-epoch", "99"),
+    ]);
+    let peer = Peer {
+        addr: "[::1]:4000".parse().unwrap(),
+        tls: true,
+    };
+    rewrite_request(&mut h, peer, Some(&HeaderValue::from_static("example.com")));
+    assert_eq!(h.get("x-forwarded-for").unwrap(), "::1");
+    assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+    assert_eq!(h.get("x-forwarded-host").unwrap(), "example.com");
+    assert_eq!(
+        h.get("forwarded").unwrap(),
+        "for=\"[::1]\";proto=https;host=\"example.com\""
+    );
+    assert!(!h.contains_key("tether-session"));
+    assert!(!h.contains_key("tether-epoch"));
+}

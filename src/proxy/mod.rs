@@ -1,0 +1,226 @@
+//! The request path. One request runs these phases:
+//!
+//! 1. **screen**: reserved prefix, smuggling checks, declared body size;
+//! 2. **route**: read the pin (cookie or request key), run the decision
+//!    table, choose a worker for a new or moved session ([`route`]);
+//! 3. **forward**: send to the worker over the pooled client, retrying on
+//!    another worker when that is safe ([`forward`]);
+//! 4. **respond**: strip hop-by-hop headers, drop the worker's copy of the
+//!    affinity cookie, add ours, stream the body with an idle timeout.
+//!
+//! [`Proxy::handle`] is the outer handler: it maps a [`ProxyError`] to a
+//! response and writes the one access-log line.
+
+pub mod body;
+mod continuity;
+pub mod error;
+mod forward;
+pub mod headers;
+mod route;
+mod tunnel;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::affinity::pins::{PinTable, SessionTable};
+use crate::affinity::{Codec, Lifetimes, PinOutcome};
+use crate::backends::BackendSet;
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::continuity::capture::CaptureQueue;
+use crate::continuity::contract::Contract;
+use crate::continuity::overrides::Overrides;
+use crate::continuity::writer::SessionWriter;
+use crate::continuity::StoreSlot;
+use crate::metrics::{self, Metrics, RequestLabels};
+
+pub use body::ProxyBody;
+pub use error::ProxyError;
+pub use headers::Peer;
+
+/// Most sessions the in-memory tables track (pins and live sessions).
+pub const MAX_TRACKED_SESSIONS: usize = 1_000_000;
+
+/// The reloadable part of the proxy: swapped whole on SIGHUP.
+#[derive(Debug)]
+pub struct Live {
+    /// The validated config.
+    pub config: Arc<Config>,
+    /// Cookie codec over the configured keys.
+    pub codec: Codec,
+    /// The worker set.
+    pub backends: BackendSet,
+    /// Pin lifetimes.
+    pub lifetimes: Lifetimes,
+}
+
+impl Live {
+    /// Builds the live state, reusing backends of `previous`.
+    pub fn build(config: Arc<Config>, previous: Option<&Live>) -> Live {
+        let a = &config.affinity;
+        Live {
+            codec: Codec::new(&a.keys, &a.cookie),
+            backends: BackendSet::build(&config.backends, previous.map(|p| &p.backends)),
+            lifetimes: Lifetimes {
+                ttl: a.ttl,
+                idle_timeout: a.idle_timeout,
+                refresh: a.refresh,
+            },
+            config,
+        }
+    }
+}
+
+/// Shared state of the proxy.
+pub struct Shared {
+    /// Config, keys and workers; swapped on reload.
+    pub live: ArcSwap<Live>,
+    client: Client<HttpConnector, ProxyBody>,
+    /// Live sessions per worker.
+    pub sessions: SessionTable,
+    /// Request-key pins.
+    pub pins: PinTable,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Wall clock for pin lifetimes.
+    pub clock: SharedClock,
+    rr: AtomicUsize,
+    /// The store, once connected.
+    pub store: StoreSlot,
+    /// Newer re-pins than clients' cookies know.
+    pub overrides: Overrides,
+    /// Thread changes waiting to be captured.
+    pub capture: CaptureQueue,
+    /// Worker-contract client.
+    pub contract: Contract,
+    /// Session writes to the store.
+    pub writer: SessionWriter,
+    flights: continuity::Flights,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+/// The proxy service; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    /// Shared state.
+    pub shared: Arc<Shared>,
+}
+
+impl Proxy {
+    /// A proxy for `config`.
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, clock: SharedClock) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.limits.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let queue = config.state.queue;
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(config.limits.idle_timeout)
+            .build(connector);
+        Proxy {
+            shared: Arc::new(Shared {
+                live: ArcSwap::from_pointee(Live::build(config, None)),
+                client,
+                sessions: SessionTable::new(MAX_TRACKED_SESSIONS),
+                pins: PinTable::new(MAX_TRACKED_SESSIONS),
+                metrics,
+                clock,
+                rr: AtomicUsize::new(0),
+                store: StoreSlot::default(),
+                overrides: Overrides::new(MAX_TRACKED_SESSIONS),
+                capture: CaptureQueue::new(queue),
+                contract: Contract::new(),
+                writer: SessionWriter::new(queue),
+                flights: continuity::Flights::default(),
+            }),
+        }
+    }
+
+    /// Swaps in a new config (backends, keys, limits that apply per request).
+    pub fn reload(&self, config: Arc<Config>) {
+        let old = self.shared.live.load_full();
+        self.shared
+            .live
+            .store(Arc::new(Live::build(config, Some(&old))));
+    }
+
+    /// The outer handler: runs the phases, maps errors to responses, logs
+    /// once and counts.
+    pub async fn handle(
+        &self,
+        req: http::Request<Incoming>,
+        peer: Peer,
+    ) -> http::Response<ProxyBody> {
+        let started = Instant::now();
+        let live = self.shared.live.load_full();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let mut trace = Trace::default();
+        let resp = match self.run(req, peer, &live, &mut trace).await {
+            Ok(resp) => resp,
+            Err(err) => {
+                if err.is_worker_failure() {
+                    tracing::warn!(
+                        backend = trace.backend.as_deref().unwrap_or("-"),
+                        error = %error::chain(&err),
+                        "request failed"
+                    );
+                } else {
+                    tracing::debug!(error = %error::chain(&err), "request refused");
+                }
+                err.to_response()
+            }
+        };
+        let elapsed = started.elapsed();
+        let m = &self.shared.metrics;
+        m.latency.observe(elapsed.as_secs_f64());
+        m.requests
+            .get_or_create(&RequestLabels {
+                class: metrics::class(resp.status()),
+                backend: trace.backend.clone().unwrap_or_else(|| "none".to_owned()),
+            })
+            .inc();
+        tracing::info!(
+            target: "tether::access",
+            method = %method,
+            path = %path,
+            status = resp.status().as_u16(),
+            backend = trace.backend.as_deref().unwrap_or("-"),
+            pin = trace.outcome.map(|o| o.as_str()).unwrap_or("-"),
+            session = %trace.session.map(|s| s.to_hex()).unwrap_or_default(),
+            attempts = trace.attempts,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            peer = %peer.addr,
+        );
+        resp
+    }
+}
+
+/// What one request did, for the access log and metrics.
+#[derive(Debug, Default)]
+pub struct Trace {
+    /// The worker that answered (or the last one tried).
+    pub backend: Option<String>,
+    /// How the pin came out.
+    pub outcome: Option<PinOutcome>,
+    /// The session.
+    pub session: Option<crate::affinity::SessionId>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Forwarded without history after a failed restore.
+    pub restore_failed: bool,
+}

@@ -1,0 +1,337 @@
+//! Screening and routing: which worker a request goes to, and the pin it
+//! leaves behind.
+
+use std::sync::Arc;
+
+use http::header::CONTENT_LENGTH;
+use http::{HeaderMap, Request};
+use hyper::body::Incoming;
+
+use super::{headers, Live, Proxy, ProxyError, Trace};
+use crate::affinity::{
+    self, cookies, Decision, MoveReason, Pin, PinOutcome, PinnedState, RejectReason, SessionId,
+};
+use crate::backends::Backend;
+use crate::balancer;
+use crate::config::{BalanceKey, KeySource};
+use crate::metrics::ReasonLabel;
+use crate::store::SessionRow;
+
+/// How a session is bound to its requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Binding {
+    /// By the affinity cookie (re-issued on change).
+    Cookie,
+    /// By a request key, pinned in the pin table.
+    Key(String),
+}
+
+/// The routing result for one request.
+#[derive(Debug)]
+pub(super) struct Route {
+    pub backend: Arc<Backend>,
+    pub pin: Pin,
+    pub binding: Binding,
+    pub outcome: PinOutcome,
+    /// Whether the client must get a fresh cookie.
+    pub set_cookie: bool,
+    /// The backend the session left, when it moved.
+    pub from: Option<String>,
+}
+
+impl Proxy {
+    /// Refuses what must never reach a worker.
+    pub(super) fn screen(&self, req: &Request<Incoming>, live: &Live) -> Result<(), ProxyError> {
+        let prefix = &live.config.state.path;
+        let path = req.uri().path();
+        if path.starts_with(prefix.as_str())
+            && matches!(
+                path.as_bytes().get(prefix.len()),
+                None | Some(b'/') | Some(b'?')
+            )
+        {
+            return Err(ProxyError::ReservedPath);
+        }
+        headers::check_framing(req.headers())?;
+        if let Some(limit) = live.config.limits.max_body_bytes {
+            let declared = req
+                .headers()
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > limit) {
+                return Err(ProxyError::BodyTooLarge { limit });
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the request's pin and decides where it goes.
+    pub(super) fn route(
+        &self,
+        h: &HeaderMap,
+        live: &Live,
+        trace: &mut Trace,
+    ) -> Result<Route, ProxyError> {
+        let now = self.shared.clock.now_unix();
+        let (found, binding) = self.find_pin(h, live, now);
+        let (pin, rejected) = match found {
+            Ok(pin) => (pin, None),
+            Err(reason) => (None, reason),
+        };
+        if let Some(reason) = rejected {
+            self.shared
+                .metrics
+                .cookie_rejects
+                .get_or_create(&ReasonLabel {
+                    reason: reason.as_str(),
+                })
+                .inc();
+        }
+        let pinned_state = pin.as_ref().map(|p| match live.backends.get(&p.backend) {
+            Some(b) if b.is_usable() => PinnedState::Usable,
+            Some(_) => PinnedState::Down,
+            None => PinnedState::Removed,
+        });
+        let decision = affinity::decide(pinned_state, live.config.affinity.on_worker_loss);
+        let route = match (decision, pin) {
+            (Decision::Keep, Some(mut pin)) => {
+                let backend = live
+                    .backends
+                    .get(&pin.backend)
+                    .cloned()
+                    .ok_or(ProxyError::NoWorker)?;
+                let set_cookie =
+                    binding == Binding::Cookie && live.lifetimes.needs_refresh(&pin, now);
+                if set_cookie || binding != Binding::Cookie {
+                    pin.refreshed_at = now;
+                }
+                Route {
+                    backend,
+                    pin,
+                    binding,
+                    outcome: PinOutcome::Kept,
+                    set_cookie,
+                    from: None,
+                }
+            }
+            (Decision::Move(reason), Some(pin)) => {
+                let backend =
+                    balancer::choose_repin(&pin.session.0, &live.backends, Some(&pin.backend))
+                        .ok_or(ProxyError::NoWorker)?;
+                self.moved(pin, backend, binding, reason, now)
+            }
+            (Decision::Unavailable, Some(pin)) => {
+                trace.session = Some(pin.session);
+                return Err(ProxyError::PinnedUnavailable {
+                    backend: pin.backend,
+                });
+            }
+            // The table only keeps or moves when there is a pin.
+            (Decision::Keep | Decision::Move(_) | Decision::Unavailable, None)
+            | (Decision::NewSession, _) => {
+                let session = match &binding {
+                    Binding::Key(key) => SessionId::for_key(key),
+                    Binding::Cookie => SessionId::random(),
+                };
+                let key = balance_key(h, live, &session);
+                let backend = balancer::choose_new(
+                    live.config.balance.policy,
+                    &key,
+                    &live.backends,
+                    &self.shared.rr,
+                    None,
+                )
+                .ok_or(ProxyError::NoWorker)?;
+                let pin = Pin {
+                    session,
+                    backend: backend.id.clone(),
+                    instance: backend.instance().unwrap_or_default(),
+                    epoch: 1,
+                    issued_at: now,
+                    refreshed_at: now,
+                };
+                Route {
+                    set_cookie: binding == Binding::Cookie,
+                    from: None,
+                    backend,
+                    pin,
+                    binding,
+                    outcome: match rejected {
+                        Some(r) => PinOutcome::Invalid(r),
+                        None => PinOutcome::New,
+                    },
+                }
+            }
+        };
+        self.remember(&route, live, now);
+        Ok(route)
+    }
+
+    /// Moves a session to `backend` with the next epoch.
+    pub(super) fn moved(
+        &self,
+        pin: Pin,
+        backend: Arc<Backend>,
+        binding: Binding,
+        reason: MoveReason,
+        now: u64,
+    ) -> Route {
+        self.shared
+            .metrics
+            .repins
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
+        let from = Some(pin.backend.clone());
+        let pin = Pin {
+            backend: backend.id.clone(),
+            instance: backend.instance().unwrap_or_default(),
+            epoch: pin.epoch.saturating_add(1),
+            refreshed_at: now,
+            ..pin
+        };
+        Route {
+            set_cookie: binding == Binding::Cookie,
+            from,
+            backend,
+            pin,
+            binding,
+            outcome: PinOutcome::Moved(reason),
+        }
+    }
+
+    /// Records the route's pin in the in-memory tables.
+    pub(super) fn remember(&self, route: &Route, live: &Live, now: u64) {
+        let l = &live.lifetimes;
+        let expires_at = match l.idle_timeout {
+            Some(idle) => (now + idle.as_secs()).min(route.pin.issued_at + l.ttl.as_secs()),
+            None => route.pin.issued_at + l.ttl.as_secs(),
+        };
+        let due = self
+            .shared
+            .sessions
+            .touch(route.pin.session, &route.backend, expires_at, now);
+        if due {
+            let row = SessionRow {
+                session_id: route.pin.session.to_hex(),
+                backend_id: route.backend.id.clone(),
+                instance: route.pin.instance.clone(),
+                epoch: route.pin.epoch,
+                created_at: route.pin.issued_at,
+                last_seen: now,
+                expires_at,
+            };
+            if !self.shared.writer.push(row) {
+                self.shared.metrics.store_writes_dropped.inc();
+            }
+        }
+        if let Binding::Key(key) = &route.binding {
+            self.shared.pins.insert(key, route.pin.clone());
+        }
+    }
+
+    /// A request key this replica has not pinned yet is read from the store
+    /// once, so every replica routes a key to the same worker.
+    pub(super) async fn preload_key_pin(&self, h: &HeaderMap, live: &Live) {
+        let Some(KeySource::Header(name)) = live.config.affinity.key.iter().find(|s| match s {
+            KeySource::Header(n) => h.contains_key(n),
+            KeySource::Cookie => false,
+        }) else {
+            return;
+        };
+        let Some(key) = h.get(name).and_then(|v| v.to_str().ok()).map(str::trim) else {
+            return;
+        };
+        if key.is_empty() || self.shared.pins.get(key).is_some() {
+            return;
+        }
+        let Some(store) = self.shared.store.get() else {
+            return;
+        };
+        let id = SessionId::for_key(key);
+        let lookup = tokio::time::timeout(
+            live.config.state.restore_timeout,
+            store.session(&id.to_hex()),
+        )
+        .await;
+        let now = self.shared.clock.now_unix();
+        if let Ok(Ok(Some(row))) = lookup {
+            if row.expires_at > now {
+                self.shared.pins.insert(
+                    key,
+                    Pin {
+                        session: id,
+                        backend: row.backend_id,
+                        instance: row.instance,
+                        epoch: row.epoch,
+                        issued_at: row.created_at,
+                        refreshed_at: now,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The pin named by the first key source present in the request.
+    /// `Err` carries why a presented cookie was rejected.
+    fn find_pin(
+        &self,
+        h: &HeaderMap,
+        live: &Live,
+        now: u64,
+    ) -> (Result<Option<Pin>, Option<RejectReason>>, Binding) {
+        let mut rejected = None;
+        for source in &live.config.affinity.key {
+            match source {
+                KeySource::Header(name) => {
+                    let Some(key) = h.get(name).and_then(|v| v.to_str().ok()) else {
+                        continue;
+                    };
+                    let key = key.trim();
+                    if key.is_empty() {
+                        continue;
+                    }
+                    let pin = self
+                        .shared
+                        .pins
+                        .get(key)
+                        .filter(|p| live.lifetimes.is_alive(p, now));
+                    return (Ok(pin), Binding::Key(key.to_owned()));
+                }
+                KeySource::Cookie => {
+                    let values = cookies::find(h, live.codec.name());
+                    for value in values {
+                        match live.codec.open(value) {
+                            Ok(pin) if live.lifetimes.is_alive(&pin, now) => {
+                                return (Ok(Some(pin)), Binding::Cookie);
+                            }
+                            Ok(_) => rejected = Some(RejectReason::Expired),
+                            Err(reason) => rejected = Some(reason),
+                        }
+                    }
+                }
+            }
+        }
+        match rejected {
+            Some(r) => (Err(Some(r)), Binding::Cookie),
+            None => (Ok(None), Binding::Cookie),
+        }
+    }
+}
+
+/// The bytes rendezvous hashing uses for a new session: `balance.key` when
+/// the request has it, else the session id.
+fn balance_key(h: &HeaderMap, live: &Live, session: &SessionId) -> Vec<u8> {
+    let found = match &live.config.balance.key {
+        Some(BalanceKey::Header(name)) => h.get(name).map(|v| v.as_bytes().to_vec()),
+        Some(BalanceKey::Cookie(name)) => cookies::find(h, name)
+            .first()
+            .map(|v| v.as_bytes().to_vec()),
+        None => None,
+    };
+    found
+        .filter(|k| !k.is_empty())
+        .unwrap_or_else(|| session.0.to_vec())
+}

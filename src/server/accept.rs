@@ -1,0 +1,172 @@
+//! The accept loop: connection limit, TLS handshake in the spawned task
+//! under a deadline, back-off on accept errors, graceful shutdown.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::scan::{Scanned, Scanner};
+use crate::config::Limits;
+use crate::metrics::Metrics;
+use crate::proxy::headers::Smuggling;
+use crate::proxy::{Peer, Proxy, ProxyError};
+
+/// Most concurrent HTTP/2 streams per connection.
+const H2_MAX_STREAMS: u32 = 250;
+/// Most streams a client may reset before its connection is closed.
+const H2_MAX_RESETS: usize = 100;
+
+/// `limits.max_connections`, shared by the client listeners.
+#[derive(Debug, Clone)]
+pub struct ConnLimit {
+    permits: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+impl ConnLimit {
+    /// A limit of `max` open connections.
+    pub fn new(max: usize, metrics: Arc<Metrics>) -> ConnLimit {
+        ConnLimit {
+            permits: Arc::new(Semaphore::new(max)),
+            metrics,
+        }
+    }
+
+    fn try_take(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+}
+
+/// Accepts connections on `listener` until `cancel`, then drains them
+/// within `shutdown.grace`.
+pub(super) async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<ArcSwapOption<rustls::ServerConfig>>>,
+    proxy: Proxy,
+    limit: ConnLimit,
+    cancel: CancellationToken,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, addr) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(e) => {
+                // EMFILE and friends: wait instead of spinning.
+                tracing::warn!(error = %e, backoff = ?backoff, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Some(permit) = limit.try_take() else {
+            // Refuse instead of queueing: established connections keep going.
+            limit.metrics.connections_refused.inc();
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let live = proxy.shared.live.load();
+        let limits = live.config.limits.clone();
+        drop(live);
+        let tls_cfg = tls.as_ref().and_then(|t| t.load_full());
+        let is_tls = tls.is_some();
+        let watcher = graceful.watcher();
+        let proxy = proxy.clone();
+        let metrics = limit.metrics.clone();
+        tokio::spawn(async move {
+            metrics.connections.inc();
+            let peer = Peer { addr, tls: is_tls };
+            match (is_tls, tls_cfg) {
+                (false, _) => serve_conn(stream, peer, proxy, &limits, watcher).await,
+                (true, Some(cfg)) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls_stream)) => {
+                            serve_conn(tls_stream, peer, proxy, &limits, watcher).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(peer = %addr, "TLS handshake timed out"),
+                    }
+                }
+                (true, None) => tracing::error!("TLS listener without a TLS config"),
+            }
+            metrics.connections.dec();
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let grace = proxy.shared.live.load().config.shutdown.grace;
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?grace, "shutdown grace period over: closing remaining connections");
+    }
+}
+
+/// The HTTP server builder for one connection: h1 + h2 with the limits.
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_pending_accept_reset_streams(H2_MAX_RESETS)
+        .max_local_error_reset_streams(H2_MAX_RESETS)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(limits.idle_timeout)
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+async fn serve_conn<IO>(io: IO, peer: Peer, proxy: Proxy, limits: &Limits, watcher: Watcher)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let scanner = Scanner::new(limits.max_header_bytes);
+    let smuggled = scanner.flag();
+    let svc = service_fn(move |req| {
+        let proxy = proxy.clone();
+        let refuse = smuggled.load(Ordering::Relaxed);
+        async move {
+            if refuse {
+                tracing::debug!(peer = %peer.addr, "refused a head with both Content-Length and Transfer-Encoding");
+                return Ok::<_, Infallible>(
+                    ProxyError::from(Smuggling::LengthAndChunked).to_response(),
+                );
+            }
+            Ok::<_, Infallible>(proxy.handle(req, peer).await)
+        }
+    });
+    let b = builder(limits);
+    let conn = b.serve_connection_with_upgrades(TokioIo::new(Scanned::new(io, scanner)), svc);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(peer = %peer.addr, error = %e, "connection ended with error");
+    }
+}

@@ -1,0 +1,185 @@
+//! Listeners, the accept loop, TLS and shutdown.
+//!
+//! Plain and TLS connections run the same HTTP service: TLS only wraps the
+//! transport. [`start`] binds everything and returns a [`Handle`] that tests
+//! and `main` use to learn the bound addresses, reload and stop.
+
+mod accept;
+mod scan;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin;
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+
+pub use accept::ConnLimit;
+
+/// Why the server could not start or reload.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not bind.
+    #[error("cannot listen on {key} = {addr}: {source}")]
+    Bind {
+        /// The config key.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// A reload changed something that needs a restart.
+    #[error("{0} cannot change on reload; restart tether to apply it")]
+    NeedsRestart(&'static str),
+}
+
+/// A running tether.
+#[derive(Debug)]
+pub struct Handle {
+    /// Bound plain HTTP address.
+    pub http: Option<SocketAddr>,
+    /// Bound HTTPS address.
+    pub https: Option<SocketAddr>,
+    /// Bound admin address.
+    pub admin: SocketAddr,
+    /// The proxy (state, metrics).
+    pub proxy: Proxy,
+    tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
+    health: Health,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+/// Binds the listeners of `config` and starts serving.
+pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerError> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let proxy = Proxy::new(config.clone(), metrics.clone(), clock);
+    let tls = Arc::new(ArcSwapOption::from(match &config.tls {
+        Some(t) => Some(tls::server_config(t)?),
+        None => None,
+    }));
+    let cancel = CancellationToken::new();
+    let limit = ConnLimit::new(config.limits.max_connections, metrics.clone());
+    let mut tasks = JoinSet::new();
+
+    let http = bind("listen.http", config.listen.http).await?;
+    let https = bind("listen.https", config.listen.https).await?;
+    let admin_listener = bind("listen.admin", Some(config.listen.admin)).await?;
+    let local = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+    let (http_addr, https_addr) = (local(&http), local(&https));
+    let admin_addr = local(&admin_listener).unwrap_or(config.listen.admin);
+
+    let health = Health::start(proxy.clone(), cancel.clone());
+    crate::continuity::feed::start(proxy.clone(), cancel.clone()).await;
+    if let Some(l) = http {
+        tasks.spawn(accept::serve(
+            l,
+            None,
+            proxy.clone(),
+            limit.clone(),
+            cancel.clone(),
+        ));
+    }
+    if let Some(l) = https {
+        tasks.spawn(accept::serve(
+            l,
+            Some(tls.clone()),
+            proxy.clone(),
+            limit.clone(),
+            cancel.clone(),
+        ));
+    }
+    if let Some(l) = admin_listener {
+        tasks.spawn(admin::serve(l, proxy.clone(), cancel.clone()));
+    }
+    tracing::info!(
+        http = http_addr.map(|a| a.to_string()).unwrap_or_default(),
+        https = https_addr.map(|a| a.to_string()).unwrap_or_default(),
+        admin = %admin_addr,
+        backends = config.backends.len(),
+        "tether listening"
+    );
+    Ok(Handle {
+        http: http_addr,
+        https: https_addr,
+        admin: admin_addr,
+        proxy,
+        tls,
+        health,
+        cancel,
+        tasks,
+    })
+}
+
+async fn bind(
+    key: &'static str,
+    addr: Option<SocketAddr>,
+) -> Result<Option<TcpListener>, ServerError> {
+    let Some(addr) = addr else { return Ok(None) };
+    TcpListener::bind(addr)
+        .await
+        .map(Some)
+        .map_err(|source| ServerError::Bind { key, addr, source })
+}
+
+impl Handle {
+    /// Applies a new config: workers, cookie keys, TLS certificates and
+    /// per-request limits. Listener addresses need a restart.
+    pub fn reload(&self, config: Config) -> Result<(), ServerError> {
+        let old = self.proxy.shared.live.load_full();
+        let same = |a: &crate::config::Listen, b: &crate::config::Listen| {
+            a.http == b.http && a.https == b.https && a.admin == b.admin
+        };
+        if !same(&old.config.listen, &config.listen) {
+            return Err(ServerError::NeedsRestart("[listen]"));
+        }
+        if config.tls.is_some() != old.config.tls.is_some() {
+            return Err(ServerError::NeedsRestart("[tls]"));
+        }
+        let new_tls = match &config.tls {
+            Some(t) => Some(tls::server_config(t)?),
+            None => None,
+        };
+        self.tls.store(new_tls);
+        self.proxy.reload(Arc::new(config));
+        self.health.sync();
+        Ok(())
+    }
+
+    /// A token that stops the server when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stops accepting, lets in-flight requests finish within
+    /// `shutdown.grace`, and returns when everything has stopped.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        while let Some(r) = self.tasks.join_next().await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "server task failed");
+            }
+        }
+    }
+
+    /// Waits until the server stops (after the shutdown token fires).
+    pub async fn wait(self) {
+        self.cancel.cancelled().await;
+        self.stop().await;
+    }
+}

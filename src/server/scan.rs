@@ -1,0 +1,291 @@
+//! A read-side scanner for HTTP/1 request heads. hyper resolves a head that
+//! carries both `Content-Length` and `Transfer-Encoding` by dropping the
+//! length (RFC 9112 §6.3) and closing afterwards; HAProxy and Envoy refuse
+//! it outright, and so does tether. hyper hides the dropped header, so this
+//! wrapper follows the byte stream (heads, fixed and chunked bodies) and
+//! raises a flag the service checks before the request is served.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Head,
+    Body(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd(u8),
+    Trailers,
+    /// HTTP/2, an upgrade, or a head hyper will refuse anyway.
+    Off,
+}
+
+/// The scanning state of one connection.
+#[derive(Debug)]
+pub struct Scanner {
+    state: State,
+    line: Vec<u8>,
+    limit: usize,
+    flag: Arc<AtomicBool>,
+}
+
+impl Scanner {
+    /// A scanner giving up on heads longer than `limit` (hyper answers 431).
+    pub fn new(limit: usize) -> Scanner {
+        Scanner {
+            state: State::Head,
+            line: Vec::new(),
+            limit: limit + 1024,
+            flag: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Set once a head carried both `Content-Length` and `Transfer-Encoding`.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.flag.clone()
+    }
+
+    /// Feeds bytes read from the client.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match self.state {
+                State::Off => return,
+                State::Body(n) => {
+                    let take = (n.min(bytes.len() as u64)) as usize;
+                    bytes = &bytes[take..];
+                    self.state = if n - take as u64 == 0 {
+                        State::Head
+                    } else {
+                        State::Body(n - take as u64)
+                    };
+                }
+                State::ChunkData(n) => {
+                    let take = (n.min(bytes.len() as u64)) as usize;
+                    bytes = &bytes[take..];
+                    self.state = if n - take as u64 == 0 {
+                        State::ChunkEnd(2)
+                    } else {
+                        State::ChunkData(n - take as u64)
+                    };
+                }
+                State::ChunkEnd(k) => {
+                    bytes = &bytes[1..];
+                    self.state = if k <= 1 {
+                        State::ChunkSize
+                    } else {
+                        State::ChunkEnd(k - 1)
+                    };
+                }
+                State::Head | State::ChunkSize | State::Trailers => {
+                    let b = bytes[0];
+                    bytes = &bytes[1..];
+                    self.line.push(b);
+                    if self.line.len() > self.limit {
+                        self.state = State::Off;
+                        return;
+                    }
+                    if self.state == State::Head
+                        && self.line.len() == H2_PREFACE.len()
+                        && self.line == H2_PREFACE
+                    {
+                        self.state = State::Off;
+                        return;
+                    }
+                    if b == b'\n' {
+                        self.line_done();
+                    }
+                }
+            }
+        }
+    }
+
+    fn line_done(&mut self) {
+        match self.state {
+            State::Head => {
+                // A head ends with an empty line; leading empty lines are
+                // tolerated before the request line.
+                let ends = self.line.ends_with(b"\r\n\r\n") || self.line.ends_with(b"\n\n");
+                let only_crlf = self.line.iter().all(|&c| c == b'\r' || c == b'\n');
+                if only_crlf {
+                    self.line.clear();
+                } else if ends {
+                    self.state = self.head_done();
+                    self.line.clear();
+                }
+            }
+            State::ChunkSize => {
+                let text = String::from_utf8_lossy(&self.line);
+                let size = text.split(';').next().unwrap_or("").trim();
+                self.state = match u64::from_str_radix(size, 16) {
+                    Ok(0) => State::Trailers,
+                    Ok(n) => State::ChunkData(n),
+                    Err(_) => State::Off,
+                };
+                self.line.clear();
+            }
+            State::Trailers => {
+                if self.line == b"\r\n" || self.line == b"\n" {
+                    self.state = State::Head;
+                }
+                self.line.clear();
+            }
+            State::Body(_) | State::ChunkData(_) | State::ChunkEnd(_) | State::Off => {}
+        }
+    }
+
+    fn head_done(&mut self) -> State {
+        let text = String::from_utf8_lossy(&self.line).to_ascii_lowercase();
+        let mut length: Option<u64> = None;
+        let (mut has_cl, mut has_te, mut upgrade) = (false, false, false);
+        for line in text.split('\n').skip(1) {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            match name.trim_end() {
+                "content-length" => {
+                    has_cl = true;
+                    length = value
+                        .trim()
+                        .split(',')
+                        .next()
+                        .and_then(|v| v.trim().parse().ok());
+                }
+                "transfer-encoding" => has_te = true,
+                "upgrade" => upgrade = true,
+                _ => {}
+            }
+        }
+        if has_cl && has_te {
+            self.flag.store(true, Ordering::Relaxed);
+            return State::Off;
+        }
+        if upgrade {
+            return State::Off;
+        }
+        if has_te {
+            return State::ChunkSize;
+        }
+        match length {
+            Some(0) | None if !has_cl => State::Head,
+            Some(0) => State::Head,
+            Some(n) => State::Body(n),
+            None => State::Off,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Client I/O with a [`Scanner`] on the read side.
+    pub struct Scanned<T> {
+        #[pin]
+        io: T,
+        scanner: Scanner,
+    }
+}
+
+impl<T> Scanned<T> {
+    /// Wraps `io`.
+    pub fn new(io: T, scanner: Scanner) -> Self {
+        Scanned { io, scanner }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Scanned<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.io.poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            this.scanner.feed(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Scanned<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flagged(chunks: &[&[u8]]) -> bool {
+        let mut s = Scanner::new(65536);
+        for c in chunks {
+            s.feed(c);
+        }
+        s.flag().load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn flags_length_with_chunked_in_any_order_and_split_reads() {
+        assert!(flagged(&[b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"]));
+        assert!(flagged(&[
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
+        ]));
+        assert!(flagged(&[
+            b"POST / HTTP/1.1\r\nContent-Le",
+            b"ngth: 5\r\nTransfer-Enco",
+            b"ding: chunked\r\n\r\n"
+        ]));
+    }
+
+    #[test]
+    fn follows_bodies_so_body_bytes_are_never_read_as_heads() {
+        let fixed = b"POST / HTTP/1.1\r\nContent-Length: 47\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n";
+        assert!(!flagged(&[fixed, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"]));
+        let chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n1a\r\nContent-Length: 9\r\n\r\nxxxxx\r\n0\r\nTrailer: y\r\n\r\n";
+        assert!(!flagged(&[
+            chunked,
+            b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
+        ]));
+        // …and the next head on the connection is still checked.
+        assert!(flagged(&[
+            chunked,
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ]));
+    }
+
+    #[test]
+    fn http2_is_left_alone() {
+        assert!(!flagged(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"]));
+    }
+}

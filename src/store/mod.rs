@@ -1,0 +1,187 @@
+//! The store: sessions (pins every replica agrees on), thread snapshots
+//! and the restore log, in PostgreSQL (production, shared by replicas) or
+//! SQLite (embedded single-node default).
+//!
+//! Both engines run the same SQL through one macro-generated
+//! implementation ([`sql`]); migrations are embedded and applied at start
+//! (sqlx takes an advisory lock on PostgreSQL).
+
+mod sql;
+
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use sql::{PgStore, SqliteStore};
+
+/// A store operation's future.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed or could not be reached.
+    #[error("store: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("store migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The store URL is not understood.
+    #[error("state.store: {0}")]
+    Url(String),
+}
+
+/// A session's pin as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRow {
+    /// Session id (32 hex digits).
+    pub session_id: String,
+    /// Pinned backend.
+    pub backend_id: String,
+    /// Worker instance tag when pinned.
+    pub instance: String,
+    /// Pin epoch.
+    pub epoch: u64,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds.
+    pub last_seen: u64,
+    /// Unix seconds.
+    pub expires_at: u64,
+}
+
+/// The result of a re-pin compare-and-set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Repin {
+    /// This replica moved the session: it must restore.
+    Won,
+    /// Another replica moved it first: follow its row.
+    Lost(SessionRow),
+}
+
+/// A stored thread's head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadRow {
+    /// Thread id.
+    pub thread_id: String,
+    /// Highest contiguous stored seq.
+    pub seq: u64,
+    /// Opaque state JSON, if any.
+    pub state: Option<String>,
+}
+
+/// One restore, as logged in `tether_restores`.
+#[derive(Debug, Clone)]
+pub struct RestoreRow {
+    /// Session id.
+    pub session_id: String,
+    /// The epoch restored into.
+    pub epoch: u64,
+    /// Backend the session came from.
+    pub from_backend: String,
+    /// Backend restored into.
+    pub to_backend: String,
+    /// Threads sent.
+    pub threads: u64,
+    /// `ok`, `failed`, `running`.
+    pub outcome: String,
+    /// Unix seconds.
+    pub started_at: u64,
+    /// Duration.
+    pub duration_ms: u64,
+}
+
+/// What tether needs from a store. Object-safe, so one `Arc<dyn Store>`
+/// serves both engines.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// `postgres` or `sqlite`.
+    fn kind(&self) -> &'static str;
+    /// Whether `LISTEN/NOTIFY` is available (PostgreSQL).
+    fn notifies(&self) -> bool;
+    /// A cheap round trip.
+    fn ping(&self) -> StoreFuture<'_, ()>;
+    /// The session's row.
+    fn session<'a>(&'a self, session_id: &'a str) -> StoreFuture<'a, Option<SessionRow>>;
+    /// Inserts new sessions and refreshes `last_seen`/`expires_at` of known
+    /// ones (never lowers an epoch or moves a pin).
+    fn touch_sessions<'a>(&'a self, rows: &'a [SessionRow]) -> StoreFuture<'a, ()>;
+    /// Moves the session to `row` if its stored epoch is still `expected`
+    /// (or it is not stored yet); `row.epoch` is the new epoch.
+    fn repin<'a>(&'a self, row: &'a SessionRow, expected: u64) -> StoreFuture<'a, Repin>;
+    /// The session's stored threads.
+    fn threads<'a>(&'a self, session_id: &'a str) -> StoreFuture<'a, Vec<ThreadRow>>;
+    /// Entry bodies `1..=upto` of a thread, in order.
+    fn entries<'a>(
+        &'a self,
+        session_id: &'a str,
+        thread_id: &'a str,
+        upto: u64,
+    ) -> StoreFuture<'a, Vec<String>>;
+    /// The thread's stored head seq (0 when unknown).
+    fn thread_seq<'a>(&'a self, session_id: &'a str, thread_id: &'a str) -> StoreFuture<'a, u64>;
+    /// Appends entries (`ON CONFLICT DO NOTHING`), advances the thread's seq
+    /// over contiguous entries only, stores `state` when given; returns the
+    /// new head seq.
+    fn append<'a>(
+        &'a self,
+        session_id: &'a str,
+        thread_id: &'a str,
+        entries: &'a [(u64, String)],
+        state: Option<&'a str>,
+        now: u64,
+    ) -> StoreFuture<'a, u64>;
+    /// Logs a restore; returns its id.
+    fn record_restore<'a>(&'a self, row: &'a RestoreRow) -> StoreFuture<'a, i64>;
+    /// Sets a logged restore's outcome and duration.
+    fn finish_restore<'a>(
+        &'a self,
+        id: i64,
+        outcome: &'a str,
+        duration_ms: u64,
+    ) -> StoreFuture<'a, ()>;
+    /// The latest outcome of restores of `session_id` into `epoch`.
+    fn restore_outcome<'a>(
+        &'a self,
+        session_id: &'a str,
+        epoch: u64,
+    ) -> StoreFuture<'a, Option<String>>;
+    /// Deletes sessions (and their threads) that expired before `before`.
+    fn expire(&self, before: u64) -> StoreFuture<'_, u64>;
+    /// The PostgreSQL pool, for `LISTEN` (None for SQLite).
+    fn pg_pool(&self) -> Option<sqlx::PgPool>;
+    /// Announces a re-pin to other replicas (no-op without NOTIFY).
+    fn announce<'a>(&'a self, row: &'a SessionRow) -> StoreFuture<'a, ()>;
+}
+
+/// Opens the store named by `state.store`, creating a SQLite file if
+/// missing, and runs migrations.
+pub async fn connect(url: &str, acquire_timeout: Duration) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PgStore::connect(url, acquire_timeout).await?))
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url, acquire_timeout).await?))
+    } else {
+        Err(StoreError::Url(format!(
+            "unsupported store URL scheme in {:?}",
+            redact(url)
+        )))
+    }
+}
+
+/// A URL with any password replaced, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,132 @@
+//! Edge hygiene over raw TCP: smuggling attempts and oversized heads.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+/// Sends raw bytes in pieces and reads until the server closes (bounded).
+async fn raw(addr: std::net::SocketAddr, pieces: &[Vec<u8>]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    for p in pieces {
+        if s.write_all(p).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn still_serving(t: &Tether) {
+    let resp = plain().get(t.url("/after")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_400_and_closes() {
+    let a = Worker::start("a").await;
+    let t = Tether::start(&config_text(&[&a], "")).await;
+    let req = b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n".to_vec();
+    let out = raw(t.http, &[req]).await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert_eq!(
+        out.matches("HTTP/1.1").count(),
+        1,
+        "nothing after the refused head is served: {out}"
+    );
+    still_serving(&t).await;
+    assert!(a
+        .seen()
+        .iter()
+        .all(|s| s.path != "/x" && s.path != "/smuggled"));
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn conflicting_lengths_and_bad_transfer_encoding_are_400() {
+    let a = Worker::start("a").await;
+    let t = Tether::start(&config_text(&[&a], "")).await;
+    let cases: [&[u8]; 3] = [
+        b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: t\r\nX-Folded: a\r\n b\r\n\r\n",
+    ];
+    for req in cases {
+        let out = raw(t.http, &[req.to_vec()]).await;
+        assert!(
+            out.starts_with("HTTP/1.1 400"),
+            "{:?} -> {out}",
+            String::from_utf8_lossy(req)
+        );
+    }
+    still_serving(&t).await;
+    assert!(a.seen().iter().all(|s| s.path == "/after"));
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_head_is_431_also_in_pieces() {
+    let a = Worker::start("a").await;
+    let t = Tether::start(&config_text(&[&a], "[limits]\nmax_header_bytes = 16384\n")).await;
+    let big = "x".repeat(20_000);
+    let whole = format!("GET / HTTP/1.1\r\nHost: t\r\nX-Big: {big}\r\n\r\n").into_bytes();
+    let out = raw(t.http, std::slice::from_ref(&whole)).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    let pieces: Vec<Vec<u8>> = whole.chunks(4096).map(|c| c.to_vec()).collect();
+    let out = raw(t.http, &pieces).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "in pieces: {out}");
+    still_serving(&t).await;
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn slow_head_is_cut_at_header_timeout() {
+    let a = Worker::start("a").await;
+    let t = Tether::start(&config_text(
+        &[&a],
+        "[limits]\nheader_timeout = \"300ms\"\n",
+    ))
+    .await;
+    let mut s = TcpStream::connect(t.http).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n").await.unwrap();
+    // Never finish the head: the server must close within the deadline.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection still open after 3 s");
+    still_serving(&t).await;
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn max_connections_refuses_new_connections_without_stalling_old_ones() {
+    let a = Worker::start("a").await;
+    let t = Tether::start(&config_text(&[&a], "[limits]\nmax_connections = 2\n")).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(t.http).await.unwrap();
+        s.write_all(b"GET /held HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        held.push(s);
+    }
+    // A third connection is closed at once.
+    let mut third = TcpStream::connect(t.http).await.unwrap();
+    let _ = third.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(3), third.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "third connection served: {buf:?}"
+    );
+    // The held ones still work.
+    drop(held.pop());
+    eventually("a slot frees up", || true).await;
+    t.stop().await;
+}

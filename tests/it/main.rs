@@ -1,0 +1,13 @@
+//! Integration tests: the real server on 127.0.0.1:0 in front of mock
+//! workers, driven by real HTTP clients. One binary, one module a concern.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod affinity;
+mod binary;
+mod edge;
+mod forwarding;
+mod health;
+mod tls;
