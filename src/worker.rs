@@ -263,7 +263,7 @@ impl RefWorker {
         }
         let mut resp = reply(
             StatusCode::OK,
-            json!({"worker": &*self.id, "thread": thread, "history": history}),
+            json!({"worker": &*self.id, "session": session, "thread": thread, "history": history}),
         );
         if !later {
             if let Ok(v) = HeaderValue::from_str(&format!("{thread};seq={seq}")) {

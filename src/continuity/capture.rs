@@ -3,7 +3,7 @@
 //! hint and counts it), drained by background tasks that pull the new
 //! entries from the worker into the store.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -28,6 +28,8 @@ pub struct Hint {
 struct Inner {
     order: VecDeque<Hint>,
     pending: HashMap<Hint, (u64, u32)>,
+    /// Hints being pulled now: one pull per thread at a time.
+    busy: HashSet<Hint>,
 }
 
 /// The bounded, coalescing queue.
@@ -76,20 +78,30 @@ impl CaptureQueue {
         dropped
     }
 
-    /// Takes the oldest hint, waiting for one.
+    /// Takes the oldest hint whose thread is not being pulled, waiting for
+    /// one. Call [`CaptureQueue::done`] when the pull ends.
     pub async fn pop(&self) -> (Hint, u64, u32) {
         loop {
             let notified = self.ready.notified();
             {
                 let mut q = self.lock();
-                while let Some(h) = q.order.pop_front() {
+                let pos = q.order.iter().position(|h| !q.busy.contains(h));
+                if let Some(h) = pos.and_then(|i| q.order.remove(i)) {
                     if let Some((seq, attempts)) = q.pending.remove(&h) {
+                        q.busy.insert(h.clone());
                         return (h, seq, attempts);
                     }
+                    continue;
                 }
             }
             notified.await;
         }
+    }
+
+    /// Ends the pull of `hint`; a hint queued meanwhile becomes ready.
+    pub fn done(&self, hint: &Hint) {
+        self.lock().busy.remove(hint);
+        self.ready.notify_one();
     }
 
     /// Hints waiting.
@@ -173,8 +185,13 @@ mod tests {
         assert_eq!(q.len(), 2);
         let (h, seq, _) = q.pop().await;
         assert_eq!((h.thread.as_str(), seq), ("t2", 1));
-        let (h, _, _) = q.pop().await;
-        assert_eq!(h.thread, "t3");
+        // While t2 is pulled, a new t2 hint waits behind t3.
+        q.push(hint("t2"), 2, 0);
+        let (h3, _, _) = q.pop().await;
+        assert_eq!(h3.thread, "t3");
+        q.done(&h);
+        let (again, seq, _) = q.pop().await;
+        assert_eq!((again.thread.as_str(), seq), ("t2", 2));
     }
 
     #[test]

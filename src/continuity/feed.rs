@@ -119,7 +119,9 @@ async fn capture_loop(proxy: Proxy, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             h = proxy.shared.capture.pop() => h,
         };
-        if let Err(e) = capture_one(&proxy, &hint, seq).await {
+        let result = capture_one(&proxy, &hint, seq).await;
+        proxy.shared.capture.done(&hint);
+        if let Err(e) = result {
             let m = &proxy.shared.metrics;
             m.captures
                 .get_or_create(&ReasonLabel { reason: "error" })
@@ -180,7 +182,7 @@ async fn capture_one(proxy: &Proxy, hint: &Hint, seq: u64) -> Result<(), String>
     m.captures
         .get_or_create(&ReasonLabel { reason: "ok" })
         .inc();
-    m.captured_entries.inc_by(entries.len() as u64);
+    m.captured_entries.inc_by(head.saturating_sub(stored));
     if head < export.seq.min(seq) {
         return Err(format!(
             "stored head {head} behind the worker's {}",

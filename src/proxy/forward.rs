@@ -43,7 +43,7 @@ impl Proxy {
         self.preload_key_pin(req.headers(), live).await;
         let mut route = self.route(req.headers(), live, trace)?;
         trace.session = Some(route.pin.session);
-        let continuity = self.ensure_continuity(&mut route, live).await?;
+        let mut continuity = self.ensure_continuity(&mut route, live).await?;
         if route.outcome != PinOutcome::New {
             let now = self.shared.clock.now_unix();
             self.remember(&route, live, now);
@@ -125,6 +125,8 @@ impl Proxy {
             self.shared.metrics.retries.inc();
             let now = self.shared.clock.now_unix();
             route = self.moved(route.pin, next, route.binding, MoveReason::Failed, now);
+            // The new worker gets the session's history before the retry.
+            continuity = self.ensure_continuity(&mut route, live).await?;
             self.remember(&route, live, now);
             trace.outcome = Some(route.outcome);
             attempt_body = next_body;
@@ -242,6 +244,7 @@ impl Proxy {
                 self.queue_capture(hint, seq, 0);
             }
         }
+        let mut learned = None;
         if let Some(seen) = resp
             .headers()
             .get(TETHER_INSTANCE)
@@ -250,14 +253,31 @@ impl Proxy {
             if let Some(old) = route.backend.observe_instance(seen) {
                 self.instance_changed(&route.backend, &old, seen);
             }
+            if route.pin.instance.is_empty() {
+                // The pin learns which process holds the session, so a
+                // restart with empty memory is noticed later.
+                learned = Some(seen.to_owned());
+            }
         }
+        let learned_pin = learned.map(|instance| {
+            let pin = crate::affinity::Pin {
+                instance,
+                ..route.pin.clone()
+            };
+            if let Binding::Key(key) = &route.binding {
+                self.shared.pins.insert(key, pin.clone());
+            }
+            pin
+        });
+        let pin = learned_pin.as_ref().unwrap_or(&route.pin);
+        let set_cookie = route.set_cookie || learned_pin.is_some();
         let h = resp.headers_mut();
         headers::strip_hop_by_hop(h, switching);
         strip_worker_headers(h, live.codec.name());
-        if route.set_cookie && route.binding == Binding::Cookie {
+        if set_cookie && route.binding == Binding::Cookie {
             let now = self.shared.clock.now_unix();
-            let value = live.codec.seal(&route.pin);
-            let max_age = live.lifetimes.max_age(&route.pin, now);
+            let value = live.codec.seal(pin);
+            let max_age = live.lifetimes.max_age(pin, now);
             if let Some(v) = cookies::set_cookie(&live.config.affinity, value, max_age, peer.tls) {
                 h.append(SET_COOKIE, v);
             }

@@ -7,6 +7,7 @@ mod support;
 
 mod affinity;
 mod binary;
+mod continuity;
 mod edge;
 mod forwarding;
 mod health;

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod refworker;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use tether::clock::{Clock, SystemClock};
 use tether::config::Config;
 use tether::server::Handle;
 
+pub use refworker::{ref_config, Ref};
 pub use worker::Worker;
 
 /// A fixed test cookie key (base64 of 32 bytes).
