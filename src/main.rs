@@ -94,8 +94,10 @@ fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -228,14 +230,22 @@ fn demo(
     let store = format!("sqlite://{}/tether.db", data.display());
     let text = tether::demo::config_text(listen, admin, &workers, &key, &store);
     let config = Config::from_toml_str(&text, Path::new("<demo>"))?;
-    let pids: Vec<String> = children.0.iter().map(|c| c.id().to_string()).collect();
+    let pids: Vec<String> = ids
+        .iter()
+        .zip(&children.0)
+        .map(|(id, c)| format!("{id}={}", c.id()))
+        .collect();
     println!(
-        "\ntether demo: proxy http://{listen}  admin http://{admin}\n\n\
-         Try:\n  curl -c /tmp/jar -b /tmp/jar http://{listen}/chat    # repeat: same worker, the count goes up\n  \
-         curl http://{listen}/chat                              # no cookie: a new session, maybe another worker\n  \
-         curl http://{admin}/backends\n  \
-         kill {}        # stop worker-a; its users move on their next request\n\nCtrl-C stops everything.\n",
-        pids.first().map(String::as_str).unwrap_or("")
+        "\ntether demo: proxy http://{listen}  admin http://{admin}  store {store}\n\n\
+         Talk (the cookie jar keeps your pin):\n  \
+         curl -s -c /tmp/jar -b /tmp/jar -X POST 'http://{listen}/chat?thread=main&message=hello'\n  \
+         curl -s -c /tmp/jar -b /tmp/jar -X POST 'http://{listen}/chat?thread=main&message=again'\n\
+         See the workers:\n  curl -s http://{admin}/backends\n\
+         Kill the worker named in \"worker\" (pids: {}), then talk again:\n  \
+         kill -9 <pid>\n  \
+         curl -s -c /tmp/jar -b /tmp/jar -X POST 'http://{listen}/chat?thread=main&message=still-there'\n\
+         Another worker answers, with the whole history restored first.\n\nCtrl-C stops everything.\n",
+        pids.join(" ")
     );
     let rt = runtime(None)?;
     let result = rt.block_on(serve(config, None, CancellationToken::new()));

@@ -184,6 +184,8 @@ pub enum MoveReason {
     Failed,
     /// The worker restarted with empty memory (new `Tether-Instance`).
     Restarted,
+    /// The worker has been draining for longer than `drain.timeout`.
+    Drained,
 }
 
 impl MoveReason {
@@ -194,6 +196,7 @@ impl MoveReason {
             MoveReason::Down => "down",
             MoveReason::Failed => "failed",
             MoveReason::Restarted => "restarted",
+            MoveReason::Drained => "drained",
         }
     }
 }
@@ -203,6 +206,8 @@ impl MoveReason {
 pub enum PinnedState {
     /// Configured and accepting its pinned users (up or draining).
     Usable,
+    /// Draining for longer than `drain.timeout`: its users migrate.
+    Drained,
     /// Configured but down or ejected.
     Down,
     /// Not configured any more.
@@ -229,6 +234,8 @@ pub fn decide(pinned: Option<PinnedState>, on_loss: crate::config::OnWorkerLoss)
         (None, _) => Decision::NewSession,
         (Some(PinnedState::Usable), _) => Decision::Keep,
         (Some(PinnedState::Down), OnWorkerLoss::Move) => Decision::Move(MoveReason::Down),
+        // Draining is an operator's decision: users migrate in both modes.
+        (Some(PinnedState::Drained), _) => Decision::Move(MoveReason::Drained),
         // A removed worker never returns: even strict mode moves its users.
         (Some(PinnedState::Removed), _) => Decision::Move(MoveReason::Removed),
         (Some(PinnedState::Down), OnWorkerLoss::Fail) => Decision::Unavailable,

@@ -128,6 +128,8 @@ fn decision_table() {
         (Some(Usable), OnWorkerLoss::Fail, Keep),
         (Some(Down), OnWorkerLoss::Fail, Unavailable),
         (Some(Removed), OnWorkerLoss::Fail, Move(MoveReason::Removed)),
+        (Some(Drained), OnWorkerLoss::Move, Move(MoveReason::Drained)),
+        (Some(Drained), OnWorkerLoss::Fail, Move(MoveReason::Drained)),
     ];
     for (state, loss, want) in cases {
         assert_eq!(decide(state, loss), want, "{state:?} {loss:?}");

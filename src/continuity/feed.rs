@@ -142,7 +142,7 @@ async fn capture_loop(proxy: Proxy, cancel: CancellationToken) {
 }
 
 /// Pulls what the worker has after the stored head into the store.
-async fn capture_one(proxy: &Proxy, hint: &Hint, seq: u64) -> Result<(), String> {
+pub(crate) async fn capture_one(proxy: &Proxy, hint: &Hint, seq: u64) -> Result<(), String> {
     let store = proxy.shared.store.get().ok_or("store unavailable")?;
     let stored = store
         .thread_seq(&hint.session, &hint.thread)
@@ -183,7 +183,7 @@ async fn capture_one(proxy: &Proxy, hint: &Hint, seq: u64) -> Result<(), String>
         .get_or_create(&ReasonLabel { reason: "ok" })
         .inc();
     m.captured_entries.inc_by(head.saturating_sub(stored));
-    if head < export.seq.min(seq) {
+    if head < export.seq.min(seq) && seq != u64::MAX {
         return Err(format!(
             "stored head {head} behind the worker's {}",
             export.seq

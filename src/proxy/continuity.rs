@@ -75,6 +75,9 @@ impl Proxy {
             }
             PinOutcome::New | PinOutcome::Invalid(_) => return Ok(Continuity::Ready),
         };
+        if route.outcome == PinOutcome::Moved(MoveReason::Drained) {
+            self.final_capture(route, live).await;
+        }
         let started = Instant::now();
         let result = self.restore_session(route, live, expected).await;
         let m = &self.shared.metrics;
@@ -100,6 +103,37 @@ impl Proxy {
                     OnRestoreFailure::Unavailable => Err(ProxyError::Restore(e)),
                     OnRestoreFailure::Continue => Ok(Continuity::Degraded),
                 }
+            }
+        }
+    }
+
+    /// Before a drained worker's session moves, pull what it holds beyond
+    /// the store (best effort: the worker is still up).
+    async fn final_capture(&self, route: &Route, live: &Live) {
+        let (Some(store), Some(from)) = (self.shared.store.get(), route.from.as_deref()) else {
+            return;
+        };
+        let session = route.pin.session.to_hex();
+        let threads = match store.threads(&session).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "final capture: cannot list threads");
+                return;
+            }
+        };
+        for t in threads {
+            let hint = Hint {
+                session: session.clone(),
+                thread: t.thread_id,
+                backend: from.to_owned(),
+            };
+            let pulled = tokio::time::timeout(
+                live.config.state.restore_timeout,
+                crate::continuity::feed::capture_one(self, &hint, u64::MAX),
+            )
+            .await;
+            if !matches!(pulled, Ok(Ok(()))) {
+                tracing::warn!(session = %session, thread = %hint.thread, "final capture from the drained worker failed");
             }
         }
     }

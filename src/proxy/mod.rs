@@ -19,7 +19,7 @@ pub mod headers;
 mod route;
 mod tunnel;
 
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -92,6 +92,7 @@ pub struct Shared {
     /// Wall clock for pin lifetimes.
     pub clock: SharedClock,
     rr: AtomicUsize,
+    requests: AtomicU64,
     /// The store, once connected.
     pub store: StoreSlot,
     /// Newer re-pins than clients' cookies know.
@@ -140,6 +141,7 @@ impl Proxy {
                 metrics,
                 clock,
                 rr: AtomicUsize::new(0),
+                requests: AtomicU64::new(0),
                 store: StoreSlot::default(),
                 overrides: Overrides::new(MAX_TRACKED_SESSIONS),
                 capture: CaptureQueue::new(queue),
@@ -166,6 +168,7 @@ impl Proxy {
         peer: Peer,
     ) -> http::Response<ProxyBody> {
         let started = Instant::now();
+        let request_id = self.shared.requests.fetch_add(1, Ordering::Relaxed);
         let live = self.shared.live.load_full();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -175,6 +178,7 @@ impl Proxy {
             Err(err) => {
                 if err.is_worker_failure() {
                     tracing::warn!(
+                        request = request_id,
                         backend = trace.backend.as_deref().unwrap_or("-"),
                         error = %error::chain(&err),
                         "request failed"
@@ -196,6 +200,7 @@ impl Proxy {
             .inc();
         tracing::info!(
             target: "tether::access",
+            request = request_id,
             method = %method,
             path = %path,
             status = resp.status().as_u16(),

@@ -89,7 +89,10 @@ impl Proxy {
                 .inc();
         }
         let pinned_state = pin.as_ref().map(|p| match live.backends.get(&p.backend) {
-            Some(b) if b.is_usable() => PinnedState::Usable,
+            Some(b) if b.is_usable() => match b.draining_for() {
+                Some(t) if t >= live.config.drain.timeout => PinnedState::Drained,
+                _ => PinnedState::Usable,
+            },
             Some(_) => PinnedState::Down,
             None => PinnedState::Removed,
         });

@@ -451,3 +451,31 @@ async fn store_outage_keeps_pinned_users_served_and_capture_catches_up(pool: sql
     }
     panic!("capture did not catch up after the store returned");
 }
+
+#[tokio::test]
+async fn drained_worker_sessions_migrate_with_history_after_the_timeout() {
+    let (a, b) = (Ref::start("a").await, Ref::start("b").await);
+    let t = Tether::start(&ref_config(&[&a, &b], &format!("{FAST}\n[drain]\ntimeout = \"400ms\"\n"))).await;
+    let base = t.url("");
+    let client = loop {
+        let c = user();
+        if say(&c, &base, "one").await["worker"] == "a" {
+            break c;
+        }
+    };
+    captured(&[&t], 2.0).await;
+    let r = plain().post(t.admin_url("/backends/a/drain")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Within the timeout the pinned user stays (and says something the
+    // store has not captured yet when the drain ends: the final capture
+    // must pull it).
+    assert_eq!(say(&client, &base, "two").await["worker"], "a");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let v = say(&client, &base, "three").await;
+    assert_eq!(v["worker"], "b", "a drained worker kept its user past the timeout");
+    let now = texts(&v);
+    assert_eq!(now.len(), 6, "{now:?}");
+    assert!(now[2].contains("two"));
+    assert_eq!(b.stats().created, 1);
+    t.stop().await;
+}
