@@ -25,6 +25,7 @@ pub mod clock;
 pub mod config;
 pub mod continuity;
 pub mod demo;
+pub mod discovery;
 pub mod health;
 pub mod metrics;
 pub mod proxy;

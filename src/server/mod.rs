@@ -86,6 +86,13 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
 
     let health = Health::start(proxy.clone(), cancel.clone());
     crate::continuity::feed::start(proxy.clone(), cancel.clone()).await;
+    if config.discovery.is_some() {
+        tokio::spawn(crate::discovery::run(
+            proxy.clone(),
+            health.clone(),
+            cancel.clone(),
+        ));
+    }
     if let Some(l) = http {
         tasks.spawn(accept::serve(
             l,

@@ -455,7 +455,11 @@ async fn store_outage_keeps_pinned_users_served_and_capture_catches_up(pool: sql
 #[tokio::test]
 async fn drained_worker_sessions_migrate_with_history_after_the_timeout() {
     let (a, b) = (Ref::start("a").await, Ref::start("b").await);
-    let t = Tether::start(&ref_config(&[&a, &b], &format!("{FAST}\n[drain]\ntimeout = \"400ms\"\n"))).await;
+    let t = Tether::start(&ref_config(
+        &[&a, &b],
+        &format!("{FAST}\n[drain]\ntimeout = \"400ms\"\n"),
+    ))
+    .await;
     let base = t.url("");
     let client = loop {
         let c = user();
@@ -464,7 +468,11 @@ async fn drained_worker_sessions_migrate_with_history_after_the_timeout() {
         }
     };
     captured(&[&t], 2.0).await;
-    let r = plain().post(t.admin_url("/backends/a/drain")).send().await.unwrap();
+    let r = plain()
+        .post(t.admin_url("/backends/a/drain"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     // Within the timeout the pinned user stays (and says something the
     // store has not captured yet when the drain ends: the final capture
@@ -472,7 +480,10 @@ async fn drained_worker_sessions_migrate_with_history_after_the_timeout() {
     assert_eq!(say(&client, &base, "two").await["worker"], "a");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let v = say(&client, &base, "three").await;
-    assert_eq!(v["worker"], "b", "a drained worker kept its user past the timeout");
+    assert_eq!(
+        v["worker"], "b",
+        "a drained worker kept its user past the timeout"
+    );
     let now = texts(&v);
     assert_eq!(now.len(), 6, "{now:?}");
     assert!(now[2].contains("two"));

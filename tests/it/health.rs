@@ -464,3 +464,24 @@ where
     }
     panic!("condition never held");
 }
+
+#[tokio::test]
+async fn dns_discovery_finds_workers() {
+    let a = Worker::start("a").await;
+    let text = config_text(
+        &[],
+        &format!(
+            "[discovery]\ndns = \"localhost\"\nport = {}\ninterval = \"200ms\"\n",
+            a.addr.port()
+        ),
+    );
+    let t = Tether::start(&text).await;
+    let id = format!("127.0.0.1:{}", a.addr.port());
+    eventually_async(|| async { backends(&t).await.contains_key(&id) }).await;
+    let resp = plain().get(t.url("/")).send().await.unwrap();
+    // localhost may also resolve to ::1, where nothing listens: a request
+    // that lands there is retried on the IPv4 worker.
+    assert_eq!(resp.status(), 200);
+    assert_eq!(worker_of(&resp), "a");
+    t.stop().await;
+}
