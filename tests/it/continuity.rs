@@ -152,14 +152,17 @@ async fn a_worker_restarted_with_empty_memory_gets_the_history_back_first() {
     let (a, b) = (Ref::start("a").await, Ref::start("b").await);
     let t = Tether::start(&ref_config(&[&a, &b], FAST)).await;
     let base = t.url("");
+    let mut tries = 0.0;
     let client = loop {
         let c = user();
+        tries += 1.0;
         if say(&c, &base, "hello").await["worker"] == "a" {
             break c;
         }
     };
     say(&client, &base, "again").await;
-    captured(&[&t], 4.0).await;
+    // Every try stored two entries; ours two more.
+    captured(&[&t], 2.0 * tries + 2.0).await;
     let addr = a.addr;
     a.kill();
     let a2 = Ref::start_at("a", addr).await;
@@ -195,15 +198,17 @@ async fn a_divergent_copy_on_the_new_worker_is_kept() {
     let (a, b) = (Ref::start("a").await, Ref::start("b").await);
     let t = Tether::start(&ref_config(&[&a, &b], FAST)).await;
     let base = t.url("");
+    let mut tries = 0.0;
     let (client, session) = loop {
         let c = user();
+        tries += 1.0;
         let v = say(&c, &base, "one").await;
         if v["worker"] == "a" {
             break (c, v["session"].as_str().unwrap().to_owned());
         }
     };
     say(&client, &base, "two").await;
-    captured(&[&t], 4.0).await;
+    captured(&[&t], 2.0 * tries + 2.0).await;
     b.worker.seed(
         &session,
         "main",
@@ -227,8 +232,10 @@ async fn a_reply_seen_only_on_the_change_feed_is_captured_and_restored() {
     let (a, b) = (Ref::start("a").await, Ref::start("b").await);
     let t = Tether::start(&ref_config(&[&a, &b], FAST)).await;
     let base = t.url("");
+    let mut tries = 0.0;
     let client = loop {
         let c = user();
+        tries += 1.0;
         let resp = c
             .post(format!("{base}/chat?thread=main&message=question&later=1"))
             .send()
@@ -241,7 +248,8 @@ async fn a_reply_seen_only_on_the_change_feed_is_captured_and_restored() {
             break c;
         }
     };
-    captured(&[&t], 2.0).await;
+    // Each try's question and late reply reach the store.
+    captured(&[&t], 2.0 * tries).await;
     a.kill();
     let v = say(&client, &base, "follow-up").await;
     assert_eq!(v["worker"], "b");
@@ -461,13 +469,15 @@ async fn drained_worker_sessions_migrate_with_history_after_the_timeout() {
     ))
     .await;
     let base = t.url("");
+    let mut tries = 0.0;
     let client = loop {
         let c = user();
+        tries += 1.0;
         if say(&c, &base, "one").await["worker"] == "a" {
             break c;
         }
     };
-    captured(&[&t], 2.0).await;
+    captured(&[&t], 2.0 * tries).await;
     let r = plain()
         .post(t.admin_url("/backends/a/drain"))
         .send()

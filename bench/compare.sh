@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+# Load comparison: tether vs HAProxy vs nginx (and direct-to-origin as the
+# ceiling), all on loopback, in one run. The proxy under test is pinned to
+# core 0 with one thread; the load generator and the origins run on core 1.
+#
+#   bash bench/compare.sh                 # 3 repetitions of 10 s per scenario
+#   REPS=1 DUR=3 bash bench/compare.sh    # quick look
+#
+# Prints, per scenario and proxy: req/s, p50/p99 latency, the proxy's CPU
+# microseconds per request and its RSS; then tether's ratio to each peer per
+# repetition and the median of those ratios. Everything it starts is stopped
+# by PID on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REPS=${REPS:-3}
+DUR=${DUR:-10}
+CONNS=${CONNS:-64}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need haproxy || ! need nginx || ! need wrk || ! need h2load || ! need openssl; then
+  echo "installing haproxy nginx wrk h2load openssl from Debian packages" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx-light wrk nghttp2-client openssl >/dev/null
+fi
+cargo build --release --locked --bin tether --example origin >&2
+
+WORK=$(mktemp -d /tmp/tether-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# Ports (loopback only).
+O1=18081 O2=18082
+T_HTTP=18100 T_TLS=18443 T_ADMIN=18199
+H_HTTP=18200 H_TLS=18243
+N_HTTP=18300 N_TLS=18343
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+  -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+cat "$WORK/cert.pem" "$WORK/key.pem" > "$WORK/combined.pem"
+
+taskset -c "$LOAD_CPU" target/release/examples/origin 127.0.0.1:$O1 127.0.0.1:$O2 &
+PIDS+=($!)
+
+KEY=$(head -c 32 /dev/urandom | base64)
+cat > "$WORK/tether.toml" <<TOML
+[runtime]
+threads = 1
+[listen]
+http = "127.0.0.1:$T_HTTP"
+https = "127.0.0.1:$T_TLS"
+admin = "127.0.0.1:$T_ADMIN"
+[tls]
+cert = "$WORK/cert.pem"
+key = "$WORK/key.pem"
+[affinity]
+keys = ["$KEY"]
+[[backends]]
+id = "o1"
+url = "http://127.0.0.1:$O1"
+[[backends]]
+id = "o2"
+url = "http://127.0.0.1:$O2"
+[state]
+store = "sqlite://$WORK/tether.db"
+TOML
+RUST_LOG=warn taskset -c "$PROXY_CPU" target/release/tether --config "$WORK/tether.toml" 2>"$WORK/tether.log" &
+T_PID=$!; PIDS+=($T_PID)
+
+cat > "$WORK/haproxy.cfg" <<CFG
+global
+  nbthread 1
+  maxconn 8000
+  tune.ssl.default-dh-param 2048
+  ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$H_HTTP
+  bind 127.0.0.1:$H_TLS ssl crt $WORK/combined.pem alpn h2,http/1.1
+  default_backend be
+backend be
+  balance roundrobin
+  cookie SRV insert indirect nocache
+  server o1 127.0.0.1:$O1 cookie o1
+  server o2 127.0.0.1:$O2 cookie o2
+CFG
+taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg" 2>"$WORK/haproxy.log" &
+H_PID=$!; PIDS+=($H_PID)
+
+mkdir -p "$WORK/nginx"
+cat > "$WORK/nginx.conf" <<CFG
+worker_processes 1;
+worker_cpu_affinity auto;
+error_log $WORK/nginx/error.log warn;
+pid $WORK/nginx/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx;
+  proxy_temp_path $WORK/nginx;
+  upstream up {
+    hash \$cookie_srv consistent;
+    server 127.0.0.1:$O1;
+    server 127.0.0.1:$O2;
+    keepalive 128;
+  }
+  server {
+    listen 127.0.0.1:$N_HTTP;
+    listen 127.0.0.1:$N_TLS ssl http2;
+    ssl_certificate $WORK/cert.pem;
+    ssl_certificate_key $WORK/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+CFG
+taskset -c "$PROXY_CPU" nginx -c "$WORK/nginx.conf" -g 'daemon off;' 2>"$WORK/nginx.stderr" &
+N_PID=$!; PIDS+=($N_PID)
+
+# Wait until everything answers.
+for url in "http://127.0.0.1:$T_HTTP/" "http://127.0.0.1:$H_HTTP/" "http://127.0.0.1:$N_HTTP/" "http://127.0.0.1:$O1/"; do
+  for _ in $(seq 1 100); do curl -fsS -o /dev/null "$url" 2>/dev/null && break; sleep 0.1; done
+done
+
+# Sticky cookies: each proxy's own.
+T_COOKIE=$(curl -s -D - -o /dev/null "http://127.0.0.1:$T_HTTP/" | sed -n 's/^set-cookie: \(tether=[^;]*\).*/\1/ip' | head -1)
+H_COOKIE=$(curl -s -D - -o /dev/null "http://127.0.0.1:$H_HTTP/" | sed -n 's/^set-cookie: \(SRV=[^;]*\).*/\1/ip' | head -1)
+N_COOKIE="srv=o1"
+if [ -z "$T_COOKIE" ] || [ -z "$H_COOKIE" ]; then
+  echo "no sticky cookie from tether or haproxy" >&2
+  curl -s -D - -o /dev/null "http://127.0.0.1:$H_HTTP/" >&2 || true
+  tail -5 "$WORK/haproxy.log" "$WORK/tether.log" >&2 || true
+  exit 1
+fi
+
+HZ=$(getconf CLK_TCK)
+cpu_ticks() { # sum of utime+stime of the given PIDs and their children threads
+  local t=0
+  for p in "$@"; do
+    [ -r "/proc/$p/stat" ] || continue
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$t"
+}
+rss_kb() { local r=0; for p in "$@"; do r=$((r + $(awk '/VmRSS/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0))); done; echo "$r"; }
+nginx_pids() { echo "$N_PID $(pgrep -P "$N_PID" | tr '\n' ' ')"; }
+
+# run SCENARIO PROXY PIDS... -- load command; prints one result line.
+RESULTS="$WORK/results.tsv"
+: > "$RESULTS"
+run() {
+  local rep=$1 scen=$2 proxy=$3; shift 3
+  local pids=()
+  while [ "$1" != "--" ]; do pids+=("$1"); shift; done; shift
+  local before after out
+  before=$(cpu_ticks "${pids[@]}")
+  out=$("$@" 2>&1) || true
+  after=$(cpu_ticks "${pids[@]}")
+  local reqs rps p50 p99
+  if [[ "$1" == *h2load* ]] || [[ "$*" == *h2load* ]]; then
+    reqs=$(echo "$out" | sed -n 's/^requests: \([0-9]*\) total, [0-9]* started, \([0-9]*\) done, \([0-9]*\) succeeded.*/\3/p')
+    rps=$(echo "$out" | sed -n 's/^finished in .*, \([0-9.]*\) req\/s.*/\1/p')
+    p50=$(echo "$out" | awk '/^time for request:/{print $6}')   # mean (h2load has no percentiles)
+    p99=$(echo "$out" | awk '/^time for request:/{print $5}')   # max
+  else
+    reqs=$(echo "$out" | awk '/requests in/{print $1}')
+    rps=$(echo "$out" | awk '/^Requests\/sec/{print $2}')
+    p50=$(echo "$out" | awk '$1=="50%"{print $2}')
+    p99=$(echo "$out" | awk '$1=="99%"{print $2}')
+  fi
+  local cpu_us="-"
+  if [ "$proxy" != direct ] && [ -n "$reqs" ] && [ "$reqs" -gt 0 ]; then
+    cpu_us=$(awk -v d=$((after - before)) -v hz="$HZ" -v n="$reqs" 'BEGIN{printf "%.1f", d*1e6/hz/n}')
+  fi
+  local rss="-"
+  [ "$proxy" != direct ] && rss=$(awk -v k="$(rss_kb "${pids[@]}")" 'BEGIN{printf "%.1f", k/1024}')
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$scen" "$proxy" "${rps:-0}" "${p50:--}" "${p99:--}" "$cpu_us" "$rss" >> "$RESULTS"
+}
+
+WRK="taskset -c $LOAD_CPU wrk -t1 -c$CONNS -d${DUR}s --latency"
+H2="taskset -c $LOAD_CPU h2load -c$CONNS -m1 -D$DUR"
+for rep in $(seq 1 "$REPS"); do
+  echo "repetition $rep/$REPS" >&2
+  run "$rep" h1-sticky direct -- $WRK "http://127.0.0.1:$O1/"
+  run "$rep" h1-sticky tether $T_PID -- $WRK -H "Cookie: $T_COOKIE" "http://127.0.0.1:$T_HTTP/"
+  run "$rep" h1-sticky haproxy $H_PID -- $WRK -H "Cookie: $H_COOKIE" "http://127.0.0.1:$H_HTTP/"
+  run "$rep" h1-sticky nginx $(nginx_pids) -- $WRK -H "Cookie: $N_COOKIE" "http://127.0.0.1:$N_HTTP/"
+  run "$rep" tls-keepalive tether $T_PID -- $WRK -H "Cookie: $T_COOKIE" "https://127.0.0.1:$T_TLS/"
+  run "$rep" tls-keepalive haproxy $H_PID -- $WRK -H "Cookie: $H_COOKIE" "https://127.0.0.1:$H_TLS/"
+  run "$rep" tls-keepalive nginx $(nginx_pids) -- $WRK -H "Cookie: $N_COOKIE" "https://127.0.0.1:$N_TLS/"
+  run "$rep" h2-tls tether $T_PID -- $H2 -H "cookie: $T_COOKIE" "https://127.0.0.1:$T_TLS/"
+  run "$rep" h2-tls haproxy $H_PID -- $H2 -H "cookie: $H_COOKIE" "https://127.0.0.1:$H_TLS/"
+  run "$rep" h2-tls nginx $(nginx_pids) -- $H2 -H "cookie: $N_COOKIE" "https://127.0.0.1:$N_TLS/"
+  run "$rep" tls-new-conn tether $T_PID -- $WRK -H "Connection: close" -H "Cookie: $T_COOKIE" "https://127.0.0.1:$T_TLS/"
+  run "$rep" tls-new-conn haproxy $H_PID -- $WRK -H "Connection: close" -H "Cookie: $H_COOKIE" "https://127.0.0.1:$H_TLS/"
+  run "$rep" tls-new-conn nginx $(nginx_pids) -- $WRK -H "Connection: close" -H "Cookie: $N_COOKIE" "https://127.0.0.1:$N_TLS/"
+done
+
+echo
+echo "rep  scenario        proxy     req/s      p50       p99       cpu_us/req  rss_MiB"
+awk -F'\t' '{printf "%-4s %-15s %-9s %-10s %-9s %-9s %-11s %s\n", $1,$2,$3,$4,$5,$6,$7,$8}' "$RESULTS"
+echo
+echo "(h2-tls: h2load prints no percentiles; the p50 column is its mean, p99 its max)"
+echo
+echo "tether / peer, req/s per repetition, and the median (higher is better):"
+for scen in h1-sticky tls-keepalive h2-tls tls-new-conn; do
+  for peer in haproxy nginx; do
+    awk -F'\t' -v s="$scen" -v p="$peer" '
+      $2==s && $3=="tether" {t[$1]=$4}
+      $2==s && $3==p {q[$1]=$4}
+      END {
+        n=0; line="";
+        for (r in t) if (q[r] > 0) { v[n++]=t[r]/q[r]; line=line sprintf(" %.2f", t[r]/q[r]) }
+        asort(v); med = (n%2) ? v[(n+1)/2] : (v[n/2]+v[n/2+1])/2;
+        if (n) printf "  %-14s vs %-8s%s   median %.2f\n", s, p, line, med
+      }' "$RESULTS"
+  done
+done
+echo
+echo "tether CPU us/request vs peer, median of repetitions (lower is better):"
+for scen in h1-sticky tls-keepalive h2-tls tls-new-conn; do
+  awk -F'\t' -v s="$scen" '
+    $2==s && $7!="-" {c[$3]=c[$3] " " $7}
+    END { for (p in c) printf "  %-14s %-8s%s\n", s, p, c[p] }' "$RESULTS" | sort
+done
+cp "$RESULTS" "${OUT:-/tmp/tether-compare.tsv}"
+echo
+echo "raw results: ${OUT:-/tmp/tether-compare.tsv}"
