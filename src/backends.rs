@@ -56,6 +56,9 @@ pub struct Backend {
     sessions: AtomicI64,
     instance: Mutex<Option<String>>,
     born: Instant,
+    /// Request counters by status class, resolved once (see metrics).
+    pub(crate) request_counters:
+        std::sync::OnceLock<[prometheus_client::metrics::counter::Counter; 5]>,
 }
 
 impl Backend {
@@ -80,6 +83,7 @@ impl Backend {
             sessions: AtomicI64::new(0),
             instance: Mutex::new(None),
             born: Instant::now(),
+            request_counters: std::sync::OnceLock::new(),
         }
     }
 

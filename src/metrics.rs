@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::backends::BackendSet;
+use crate::backends::{Backend, BackendSet};
 
 /// Labels: status class and worker.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -235,6 +235,42 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl Metrics {
+    /// Counts one request. A worker's five counters are looked up once and
+    /// kept on the worker: no label allocation or map lookup per request.
+    pub fn count_request(&self, status: http::StatusCode, backend: Option<&Backend>) {
+        let i = match status.as_u16() {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
+        };
+        match backend {
+            Some(b) => b.request_counters.get_or_init(|| {
+                CLASSES.map(|class| {
+                    self.requests
+                        .get_or_create(&RequestLabels {
+                            class,
+                            backend: b.id.clone(),
+                        })
+                        .clone()
+                })
+            })[i]
+                .inc(),
+            None => self
+                .requests
+                .get_or_create(&RequestLabels {
+                    class: CLASSES[i],
+                    backend: "none".to_owned(),
+                })
+                .inc(),
+        };
     }
 }
 

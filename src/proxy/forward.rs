@@ -84,7 +84,7 @@ impl Proxy {
         let mut attempt_body = Some(body);
         loop {
             trace.attempts += 1;
-            trace.backend = Some(route.backend.id.clone());
+            trace.backend = Some(route.backend.clone());
             let Some(this_body) = attempt_body.take() else {
                 return Err(ProxyError::NoWorker);
             };

@@ -39,7 +39,7 @@ use crate::continuity::contract::Contract;
 use crate::continuity::overrides::Overrides;
 use crate::continuity::writer::SessionWriter;
 use crate::continuity::StoreSlot;
-use crate::metrics::{self, Metrics, RequestLabels};
+use crate::metrics::Metrics;
 
 pub use body::ProxyBody;
 pub use error::ProxyError;
@@ -170,8 +170,10 @@ impl Proxy {
         let started = Instant::now();
         let request_id = self.shared.requests.fetch_add(1, Ordering::Relaxed);
         let live = self.shared.live.load_full();
+        // The access line's inputs are copied only when it will be written.
+        let access = tracing::enabled!(target: "tether::access", tracing::Level::INFO);
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        let path = access.then(|| req.uri().path().to_owned());
         let mut trace = Trace::default();
         let resp = match self.run(req, peer, &live, &mut trace).await {
             Ok(resp) => resp,
@@ -179,7 +181,7 @@ impl Proxy {
                 if err.is_worker_failure() {
                     tracing::warn!(
                         request = request_id,
-                        backend = trace.backend.as_deref().unwrap_or("-"),
+                        backend = trace.backend.as_ref().map_or("-", |b| b.id.as_str()),
                         error = %error::chain(&err),
                         "request failed"
                     );
@@ -192,25 +194,22 @@ impl Proxy {
         let elapsed = started.elapsed();
         let m = &self.shared.metrics;
         m.latency.observe(elapsed.as_secs_f64());
-        m.requests
-            .get_or_create(&RequestLabels {
-                class: metrics::class(resp.status()),
-                backend: trace.backend.clone().unwrap_or_else(|| "none".to_owned()),
-            })
-            .inc();
-        tracing::info!(
-            target: "tether::access",
-            request = request_id,
-            method = %method,
-            path = %path,
-            status = resp.status().as_u16(),
-            backend = trace.backend.as_deref().unwrap_or("-"),
-            pin = trace.outcome.map(|o| o.as_str()).unwrap_or("-"),
-            session = %trace.session.map(|s| s.to_hex()).unwrap_or_default(),
-            attempts = trace.attempts,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            peer = %peer.addr,
-        );
+        m.count_request(resp.status(), trace.backend.as_deref());
+        if let Some(path) = path {
+            tracing::info!(
+                target: "tether::access",
+                request = request_id,
+                method = %method,
+                path = %path,
+                status = resp.status().as_u16(),
+                backend = trace.backend.as_ref().map_or("-", |b| b.id.as_str()),
+                pin = trace.outcome.map(|o| o.as_str()).unwrap_or("-"),
+                session = %trace.session.map(|s| s.to_hex()).unwrap_or_default(),
+                attempts = trace.attempts,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                peer = %peer.addr,
+            );
+        }
         resp
     }
 }
@@ -219,7 +218,7 @@ impl Proxy {
 #[derive(Debug, Default)]
 pub struct Trace {
     /// The worker that answered (or the last one tried).
-    pub backend: Option<String>,
+    pub backend: Option<Arc<crate::backends::Backend>>,
     /// How the pin came out.
     pub outcome: Option<PinOutcome>,
     /// The session.

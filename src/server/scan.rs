@@ -84,21 +84,23 @@ impl Scanner {
                     };
                 }
                 State::Head | State::ChunkSize | State::Trailers => {
-                    let b = bytes[0];
-                    bytes = &bytes[1..];
-                    self.line.push(b);
+                    // Whole line segments at a time: heads are scanned at
+                    // memchr speed, not byte by byte.
+                    let (chunk, found) = match bytes.iter().position(|&b| b == b'\n') {
+                        Some(i) => (&bytes[..=i], true),
+                        None => (bytes, false),
+                    };
+                    bytes = &bytes[chunk.len()..];
+                    self.line.extend_from_slice(chunk);
                     if self.line.len() > self.limit {
                         self.state = State::Off;
                         return;
                     }
-                    if self.state == State::Head
-                        && self.line.len() == H2_PREFACE.len()
-                        && self.line == H2_PREFACE
-                    {
+                    if self.state == State::Head && self.line.starts_with(H2_PREFACE) {
                         self.state = State::Off;
                         return;
                     }
-                    if b == b'\n' {
+                    if found {
                         self.line_done();
                     }
                 }
@@ -141,25 +143,24 @@ impl Scanner {
     }
 
     fn head_done(&mut self) -> State {
-        let text = String::from_utf8_lossy(&self.line).to_ascii_lowercase();
         let mut length: Option<u64> = None;
         let (mut has_cl, mut has_te, mut upgrade) = (false, false, false);
-        for line in text.split('\n').skip(1) {
-            let Some((name, value)) = line.split_once(':') else {
+        for line in self.line.split(|&b| b == b'\n').skip(1) {
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
                 continue;
             };
-            match name.trim_end() {
-                "content-length" => {
-                    has_cl = true;
-                    length = value
-                        .trim()
-                        .split(',')
-                        .next()
-                        .and_then(|v| v.trim().parse().ok());
-                }
-                "transfer-encoding" => has_te = true,
-                "upgrade" => upgrade = true,
-                _ => {}
+            let name = line[..colon].trim_ascii_end();
+            let value = line[colon + 1..].trim_ascii();
+            if name.eq_ignore_ascii_case(b"content-length") {
+                has_cl = true;
+                length = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.split(',').next())
+                    .and_then(|v| v.trim().parse().ok());
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                has_te = true;
+            } else if name.eq_ignore_ascii_case(b"upgrade") {
+                upgrade = true;
             }
         }
         if has_cl && has_te {
