@@ -1,63 +1,89 @@
-//! The file as written: plain serde structs, every one
-//! `deny_unknown_fields`, so the toml crate reports a misspelt key with its
-//! line and column. Values stay strings where `${VAR}` may appear.
+//! The file as written: plain serde structs that mirror `config/tether.toml`
+//! one to one.
+//!
+//! Every struct is `deny_unknown_fields`, so the toml crate reports a misspelt
+//! key with its path, line and column. Every optional key gets the default
+//! from DESIGN.md's table through its section's `Default` impl, so this file
+//! is also the one place that lists the defaults. Values stay strings wherever
+//! `${VAR}` may appear (addresses, durations, enum names) and integers stay
+//! `i64`, so that `validate` can interpolate, range-check and name the key.
 
 use serde::Deserialize;
 
-/// The whole file.
+/// The whole file. Every section may be left out; `validate` then demands
+/// what has no default (a listener, `affinity.keys`, a worker).
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
-    #[serde(default)]
+    /// `[runtime]`
     pub runtime: RawRuntime,
-    #[serde(default)]
+    /// `[listen]`
     pub listen: RawListen,
+    /// `[tls]`, needed by `listen.https`.
     pub tls: Option<RawTls>,
-    #[serde(default)]
+    /// `[admin]`
     pub admin: RawAdmin,
-    #[serde(default)]
+    /// `[affinity]`
     pub affinity: RawAffinity,
-    #[serde(default)]
+    /// `[balance]`
     pub balance: RawBalance,
-    #[serde(default)]
+    /// `[[backends]]`
     pub backends: Vec<RawBackend>,
+    /// `[discovery]`
     pub discovery: Option<RawDiscovery>,
-    #[serde(default)]
+    /// `[health]`
     pub health: RawHealth,
-    #[serde(default)]
+    /// `[passive]`
     pub passive: RawPassive,
-    #[serde(default)]
+    /// `[drain]`
     pub drain: RawDrain,
-    #[serde(default)]
+    /// `[state]`
     pub state: RawState,
-    #[serde(default)]
+    /// `[limits]`
     pub limits: RawLimits,
-    #[serde(default)]
+    /// `[shutdown]`
     pub shutdown: RawShutdown,
 }
 
 /// `[runtime]`
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawRuntime {
+    /// `threads`: tokio worker threads; none means one per core.
     pub threads: Option<i64>,
 }
 
 /// `[listen]`
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawListen {
+    /// `http`: plain HTTP listener address.
     pub http: Option<String>,
+    /// `https`: TLS listener address.
     pub https: Option<String>,
-    pub admin: Option<String>,
+    /// `admin`: admin API address.
+    pub admin: String,
+}
+
+impl Default for RawListen {
+    fn default() -> Self {
+        RawListen {
+            http: None,
+            https: None,
+            admin: "127.0.0.1:9900".into(),
+        }
+    }
 }
 
 /// `[tls]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
+    /// `cert`: default certificate chain (PEM path), required.
     pub cert: Option<String>,
+    /// `key`: its private key (PEM path), required.
     pub key: Option<String>,
+    /// `[[tls.sni]]`
     #[serde(default)]
     pub sni: Vec<RawSni>,
 }
@@ -66,127 +92,290 @@ pub struct RawTls {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSni {
+    /// `name`: the server name that selects this certificate.
     pub name: Option<String>,
+    /// `cert`: certificate chain (PEM path).
     pub cert: Option<String>,
+    /// `key`: private key (PEM path).
     pub key: Option<String>,
 }
 
 /// `[admin]`
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawAdmin {
+    /// `token`: bearer token for the admin API.
     pub token: Option<String>,
 }
 
-/// A string, or a boolean where the key also accepts one (`secure`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+/// A string, or a TOML boolean where the key also accepts one (`secure`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "expected \"auto\", \"true\", \"false\" or a boolean"
+)]
 pub enum StrOrBool {
-    /// `"auto"`, `"true"`, …
+    /// `"auto"`, `"true"`, `"false"`, or `${VAR}`.
     Str(String),
-    /// `true` / `false`
+    /// `true` or `false`.
     Bool(bool),
 }
 
 /// `[affinity]`
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawAffinity {
-    pub cookie: Option<String>,
-    pub keys: Option<Vec<String>>,
-    pub ttl: Option<String>,
+    /// `cookie`: cookie name.
+    pub cookie: String,
+    /// `keys`: base64 cookie keys, required; the first seals, all open.
+    pub keys: Vec<String>,
+    /// `ttl`: absolute life of a pin.
+    pub ttl: String,
+    /// `idle_timeout`: ends a pin unused this long.
     pub idle_timeout: Option<String>,
-    pub refresh: Option<String>,
-    pub same_site: Option<String>,
-    pub secure: Option<StrOrBool>,
-    pub http_only: Option<bool>,
-    pub path: Option<String>,
+    /// `refresh`: minimum interval between cookie re-issues.
+    pub refresh: String,
+    /// `same_site`: `strict`, `lax` or `none`.
+    pub same_site: String,
+    /// `secure`: `auto`, `true` or `false`.
+    pub secure: StrOrBool,
+    /// `http_only`
+    pub http_only: bool,
+    /// `path`
+    pub path: String,
+    /// `domain`
     pub domain: Option<String>,
-    pub key: Option<Vec<String>>,
-    pub on_worker_loss: Option<String>,
+    /// `key`: request-key sources, `"cookie"` or `"header:NAME"`.
+    pub key: Vec<String>,
+    /// `on_worker_loss`: `move` or `fail`.
+    pub on_worker_loss: String,
+}
+
+impl Default for RawAffinity {
+    fn default() -> Self {
+        RawAffinity {
+            cookie: "tether".into(),
+            keys: Vec::new(),
+            ttl: "24h".into(),
+            idle_timeout: None,
+            refresh: "1h".into(),
+            same_site: "lax".into(),
+            secure: StrOrBool::Str("auto".into()),
+            http_only: true,
+            path: "/".into(),
+            domain: None,
+            key: vec!["cookie".into()],
+            on_worker_loss: "move".into(),
+        }
+    }
 }
 
 /// `[balance]`
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawBalance {
-    pub policy: Option<String>,
+    /// `policy`: `least-sessions`, `rendezvous` or `round-robin`.
+    pub policy: String,
+    /// `key`: `"header:NAME"` or `"cookie:NAME"`, hashed by rendezvous.
     pub key: Option<String>,
 }
 
-/// `[[backends]]`
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+impl Default for RawBalance {
+    fn default() -> Self {
+        RawBalance {
+            policy: "least-sessions".into(),
+            key: None,
+        }
+    }
+}
+
+/// One `[[backends]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawBackend {
+    /// `id`: stable id, required.
     pub id: Option<String>,
+    /// `url`: `http://host:port`, required.
     pub url: Option<String>,
-    pub weight: Option<i64>,
+    /// `weight`
+    pub weight: i64,
+}
+
+impl Default for RawBackend {
+    fn default() -> Self {
+        RawBackend {
+            id: None,
+            url: None,
+            weight: 1,
+        }
+    }
 }
 
 /// `[discovery]`
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawDiscovery {
+    /// `dns`: name to resolve, required.
     pub dns: Option<String>,
+    /// `port`: port of every discovered worker, required.
     pub port: Option<i64>,
-    pub interval: Option<String>,
+    /// `interval`: re-resolve interval.
+    pub interval: String,
+}
+
+impl Default for RawDiscovery {
+    fn default() -> Self {
+        RawDiscovery {
+            dns: None,
+            port: None,
+            interval: "10s".into(),
+        }
+    }
 }
 
 /// `[health]`
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawHealth {
-    pub path: Option<String>,
-    pub interval: Option<String>,
-    pub timeout: Option<String>,
-    pub fall: Option<i64>,
-    pub rise: Option<i64>,
+    /// `path`: probe path.
+    pub path: String,
+    /// `interval`
+    pub interval: String,
+    /// `timeout`
+    pub timeout: String,
+    /// `fall`: failures that mark a worker down.
+    pub fall: i64,
+    /// `rise`: successes that mark a worker up.
+    pub rise: i64,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        RawHealth {
+            path: "/health".into(),
+            interval: "2s".into(),
+            timeout: "1s".into(),
+            fall: 3,
+            rise: 2,
+        }
+    }
 }
 
 /// `[passive]`
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawPassive {
-    pub failures: Option<i64>,
-    pub cooldown: Option<String>,
+    /// `failures`: consecutive failures that open the circuit.
+    pub failures: i64,
+    /// `cooldown`: first ejection time.
+    pub cooldown: String,
+}
+
+impl Default for RawPassive {
+    fn default() -> Self {
+        RawPassive {
+            failures: 3,
+            cooldown: "30s".into(),
+        }
+    }
 }
 
 /// `[drain]`
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawDrain {
-    pub timeout: Option<String>,
+    /// `timeout`: how long pinned users stay on a draining worker.
+    pub timeout: String,
+}
+
+impl Default for RawDrain {
+    fn default() -> Self {
+        RawDrain {
+            timeout: "10m".into(),
+        }
+    }
 }
 
 /// `[state]`
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawState {
-    pub store: Option<String>,
-    pub path: Option<String>,
+    /// `store`: `sqlite://…` or `postgres://…`.
+    pub store: String,
+    /// `path`: the worker-contract prefix.
+    pub path: String,
+    /// `token`: bearer token sent on contract calls.
     pub token: Option<String>,
-    pub on_restore_failure: Option<String>,
-    pub restore_timeout: Option<String>,
-    pub retention: Option<String>,
-    pub queue: Option<i64>,
+    /// `on_restore_failure`: `unavailable` or `continue`.
+    pub on_restore_failure: String,
+    /// `restore_timeout`
+    pub restore_timeout: String,
+    /// `retention`: how long expired rows are kept.
+    pub retention: String,
+    /// `queue`: bound of the background queues.
+    pub queue: i64,
+}
+
+impl Default for RawState {
+    fn default() -> Self {
+        RawState {
+            store: "sqlite://tether.db".into(),
+            path: "/_tether".into(),
+            token: None,
+            on_restore_failure: "unavailable".into(),
+            restore_timeout: "5s".into(),
+            retention: "7d".into(),
+            queue: 10_000,
+        }
+    }
 }
 
 /// `[limits]`
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawLimits {
-    pub max_connections: Option<i64>,
-    pub max_header_bytes: Option<i64>,
-    pub header_timeout: Option<String>,
-    pub idle_timeout: Option<String>,
-    pub stream_idle: Option<String>,
+    /// `max_connections`
+    pub max_connections: i64,
+    /// `max_header_bytes`
+    pub max_header_bytes: i64,
+    /// `header_timeout`: deadline for a whole request head.
+    pub header_timeout: String,
+    /// `idle_timeout`: keep-alive idle time.
+    pub idle_timeout: String,
+    /// `stream_idle`: longest silence on a stream.
+    pub stream_idle: String,
+    /// `max_body_bytes`: none means unlimited.
     pub max_body_bytes: Option<i64>,
-    pub connect_timeout: Option<String>,
+    /// `connect_timeout`: deadline for connecting to a worker.
+    pub connect_timeout: String,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_connections: 10_000,
+            max_header_bytes: 65_536,
+            header_timeout: "10s".into(),
+            idle_timeout: "60s".into(),
+            stream_idle: "15m".into(),
+            max_body_bytes: None,
+            connect_timeout: "5s".into(),
+        }
+    }
 }
 
 /// `[shutdown]`
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawShutdown {
-    pub grace: Option<String>,
+    /// `grace`: how long in-flight requests may run after SIGTERM.
+    pub grace: String,
+}
+
+impl Default for RawShutdown {
+    fn default() -> Self {
+        RawShutdown {
+            grace: "30s".into(),
+        }
+    }
 }
