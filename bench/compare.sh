@@ -9,7 +9,9 @@
 # Prints, per scenario and proxy: req/s, p50/p99 latency, the proxy's CPU
 # microseconds per request and its RSS; then tether's ratio to each peer per
 # repetition and the median of those ratios. Everything it starts is stopped
-# by PID on exit.
+# by PID on exit. Two more scenarios follow the repetitions: tether's RSS
+# with PINS (100000) live pins, and the latency a restore of an ENTRIES
+# (200) entry thread adds to the first request after its worker is killed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +27,7 @@ if ! need haproxy || ! need nginx || ! need wrk || ! need h2load || ! need opens
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx-light wrk nghttp2-client openssl >/dev/null
 fi
-cargo build --release --locked --bin tether --example origin >&2
+cargo build --release --locked --bin tether --example origin --example restore_latency >&2
 
 WORK=$(mktemp -d /tmp/tether-bench.XXXXXX)
 PIDS=()
@@ -214,6 +216,56 @@ for rep in $(seq 1 "$REPS"); do
   run "$rep" tls-new-conn nginx $(nginx_pids) -- $WRK -H "Connection: close" -H "Cookie: $N_COOKIE" "https://127.0.0.1:$N_TLS/"
 done
 
+# Live pins: PINS requests without a cookie each open a new session (a pin
+# held in memory for its 24 h); tether's RSS before and after.
+PINS=${PINS:-100000}
+echo "opening $PINS sessions" >&2
+RSS_BEFORE=$(rss_kb "$T_PID")
+taskset -c "$LOAD_CPU" h2load --h1 -n "$PINS" -c "$CONNS" "http://127.0.0.1:$T_HTTP/" >/dev/null 2>&1 || true
+sleep 1
+RSS_AFTER=$(rss_kb "$T_PID")
+LIVE=$(curl -s "http://127.0.0.1:$T_ADMIN/metrics" | awk '/^tether_backend_sessions/{s+=$2} END{print s+0}')
+
+# Restore latency: two reference workers (`tether worker`) behind a second
+# tether; SESSIONS conversations of ENTRIES entries are captured, one
+# worker is killed with SIGKILL, and every moved session's next request is
+# timed against the request after it.
+SESSIONS=${SESSIONS:-200}
+ENTRIES=${ENTRIES:-200}
+W1=18091 W2=18092 R_HTTP=18110 R_ADMIN=18198
+taskset -c "$LOAD_CPU" target/release/tether worker --id w1 --listen 127.0.0.1:$W1 2>/dev/null &
+W1_PID=$!; PIDS+=($W1_PID)
+taskset -c "$LOAD_CPU" target/release/tether worker --id w2 --listen 127.0.0.1:$W2 2>/dev/null &
+PIDS+=($!)
+cat > "$WORK/restore.toml" <<TOML
+[runtime]
+threads = 1
+[listen]
+http = "127.0.0.1:$R_HTTP"
+admin = "127.0.0.1:$R_ADMIN"
+[affinity]
+keys = ["$KEY"]
+[[backends]]
+id = "w1"
+url = "http://127.0.0.1:$W1"
+[[backends]]
+id = "w2"
+url = "http://127.0.0.1:$W2"
+[state]
+store = "sqlite://$WORK/restore.db"
+TOML
+RUST_LOG=warn taskset -c "$PROXY_CPU" target/release/tether --config "$WORK/restore.toml" 2>"$WORK/restore.log" &
+PIDS+=($!)
+for _ in $(seq 1 100); do curl -fsS -o /dev/null "http://127.0.0.1:$R_ADMIN/readyz" 2>/dev/null && break; sleep 0.1; done
+echo "building $SESSIONS conversations of $ENTRIES entries" >&2
+RESTORE_OUT="restore scenario failed (see $WORK/restore.log)"
+if taskset -c "$LOAD_CPU" target/release/examples/restore_latency build \
+    "http://127.0.0.1:$R_HTTP" "http://127.0.0.1:$R_ADMIN" "$SESSIONS" "$ENTRIES" "$WORK/sessions.tsv" >&2; then
+  kill -9 "$W1_PID"
+  RESTORE_OUT=$(taskset -c "$LOAD_CPU" target/release/examples/restore_latency measure \
+    "http://127.0.0.1:$R_HTTP" "$WORK/sessions.tsv" w1 2>&1) || true
+fi
+
 echo
 echo "rep  scenario        proxy     req/s      p50       p99       cpu_us/req  rss_MiB"
 awk -F'\t' '{printf "%-4s %-15s %-9s %-10s %-9s %-9s %-11s %s\n", $1,$2,$3,$4,$5,$6,$7,$8}' "$RESULTS"
@@ -241,6 +293,10 @@ for scen in h1-sticky tls-keepalive h2-tls tls-new-conn; do
     $2==s && $7!="-" {c[$3]=c[$3] " " $7}
     END { for (p in c) printf "  %-14s %-8s%s\n", s, p, c[p] }' "$RESULTS" | sort
 done
+echo
+echo "live pins: $LIVE sessions held; tether RSS $(awk -v k="$RSS_BEFORE" 'BEGIN{printf "%.1f", k/1024}') MiB before opening $PINS sessions, $(awk -v k="$RSS_AFTER" 'BEGIN{printf "%.1f", k/1024}') MiB after"
+echo
+echo "$RESTORE_OUT"
 cp "$RESULTS" "${OUT:-/tmp/tether-compare.tsv}"
 echo
 echo "raw results: ${OUT:-/tmp/tether-compare.tsv}"
