@@ -143,32 +143,82 @@ async fn after_the_worker_received_it_post_is_not_retried_but_get_is() {
     t.stop().await;
 }
 
+/// The default timings (probes every 2 s, `fall` 3, `rise` 2, three 5xx
+/// open the circuit for 30 s, doubling) on a paused tokio clock: the state is
+/// read at exact points of virtual time, and the test takes no real minutes.
 #[tokio::test]
-async fn a_500_never_ejects_but_503s_do_and_the_worker_returns() {
+async fn a_500_never_ejects_but_503s_do_for_a_doubling_cooldown() {
     let (a, b) = (Worker::start("a").await, Worker::start("b").await);
-    let t = Tether::start(&config_text(&[&a, &b], FAST)).await;
+    let t = Tether::start(&config_text(&[&a, &b], "")).await;
     let users = pinned_users(&t, 10).await;
-    let (on_a, _) = users.iter().find(|(_, w)| w == "a").expect("a user on a");
+    let on_a: Vec<&reqwest::Client> = users
+        .iter()
+        .filter(|(_, w)| w == "a")
+        .map(|(c, _)| c)
+        .collect();
+    assert!(on_a.len() >= 2, "least-sessions puts half the users on a");
+    tokio::time::pause();
+    let get = |c: &reqwest::Client| c.get(t.url("/")).send();
+
     a.set_status(500);
     for _ in 0..10 {
-        assert_eq!(on_a.get(t.url("/")).send().await.unwrap().status(), 500);
+        assert_eq!(get(on_a[0]).await.unwrap().status(), 500);
     }
     assert_eq!(state_of(&t, "a").await, "up", "500 must not eject");
 
+    // Three 503s eject a for the 30 s cooldown; its probes stay healthy.
+    // (No request here may re-pin: a re-pin reads the store, and while the
+    // runtime waits on the store's thread the paused clock runs ahead.)
     a.set_status(503);
     for _ in 0..3 {
-        assert_eq!(on_a.get(t.url("/")).send().await.unwrap().status(), 503);
+        assert_eq!(get(on_a[0]).await.unwrap().status(), 503);
     }
+    let ejected = tokio::time::Instant::now();
     assert_eq!(state_of(&t, "a").await, "down", "3 × 503 ejects");
-    let moved = on_a.get(t.url("/")).send().await.unwrap();
-    assert_eq!(worker_of(&moved), "b");
     a.set_status(200);
-    // Back after the 1 s cooldown (and healthy probes).
-    wait_state(&t, "a", "up").await;
+    tokio::time::sleep_until(ejected + Duration::from_secs(25)).await;
+    assert_eq!(state_of(&t, "a").await, "down", "still ejected at 25 s");
+    tokio::time::sleep_until(ejected + Duration::from_secs(35)).await;
+    assert_eq!(
+        state_of(&t, "a").await,
+        "up",
+        "back after the 30 s cooldown"
+    );
+
+    // Ejected again before a healthy probe streak forgave it: 60 s. Its
+    // probes fail too this time, so it needs `rise` good probes at the end.
+    let again = on_a[1];
+    assert_eq!(worker_of(&get(again).await.unwrap()), "a");
+    a.set_status(503);
+    a.set_health(503);
+    for _ in 0..3 {
+        assert_eq!(get(again).await.unwrap().status(), 503);
+    }
+    let ejected = tokio::time::Instant::now();
+    a.set_status(200);
+    tokio::time::sleep_until(ejected + Duration::from_secs(50)).await;
+    assert_eq!(
+        state_of(&t, "a").await,
+        "down",
+        "the second cooldown doubles"
+    );
+    tokio::time::sleep_until(ejected + Duration::from_secs(62)).await;
+    assert_eq!(
+        state_of(&t, "a").await,
+        "down",
+        "past the cooldown, failing probes keep it down"
+    );
+    a.set_health(200);
+    tokio::time::sleep_until(ejected + Duration::from_secs(68)).await;
+    assert_eq!(
+        state_of(&t, "a").await,
+        "up",
+        "back after `rise` good probes"
+    );
     let m = metrics(&t).await;
     assert_eq!(
         sample(&m, "tether_ejections_total", &[("backend", "a")]),
-        Some(1.0)
+        Some(2.0)
     );
     t.stop().await;
 }
