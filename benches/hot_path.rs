@@ -123,17 +123,14 @@ fn balance(c: &mut Criterion) {
 fn rewrite(c: &mut Criterion) {
     let codec = Codec::new(&[KeyMaterial::new(vec![1; 32])], "tether");
     let h = request_headers(&codec.seal(&pin()));
-    let peer = Peer {
-        addr: "127.0.0.1:50000".parse().unwrap(),
-        tls: false,
-    };
+    let peer = Peer::new("127.0.0.1:50000".parse().unwrap(), false);
     let host = HeaderValue::from_static("chat.example.com");
     c.bench_function("headers/request_rewrite", |b| {
         b.iter(|| {
             let mut h = h.clone();
             headers::check_framing(&h).unwrap();
             headers::strip_hop_by_hop(&mut h, false);
-            headers::rewrite_request(&mut h, peer, Some(&host));
+            headers::rewrite_request(&mut h, &peer, Some(&host));
             cookies::strip(&mut h, "tether");
             black_box(h)
         })

@@ -35,7 +35,7 @@ impl Proxy {
     pub(super) async fn run(
         &self,
         mut req: Request<Incoming>,
-        peer: Peer,
+        peer: &Peer,
         live: &Live,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -225,7 +225,7 @@ impl Proxy {
         mut resp: Response<Incoming>,
         route: &Route,
         live: &Live,
-        peer: Peer,
+        peer: &Peer,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;

@@ -144,51 +144,71 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// What the proxy knows about the client connection.
-#[derive(Debug, Clone, Copy)]
+/// What the proxy knows about the client connection, with the forwarding
+/// values that depend only on it formatted once per connection.
+#[derive(Debug, Clone)]
 pub struct Peer {
     /// The client's socket address.
     pub addr: SocketAddr,
     /// Whether the connection is TLS.
     pub tls: bool,
+    /// `X-Forwarded-For`: the client's IP.
+    xff: Option<HeaderValue>,
+    /// `Forwarded` without its `host`: `for=…;proto=…`.
+    forwarded: String,
+}
+
+impl Peer {
+    /// The peer of a connection from `addr`, over TLS or not.
+    pub fn new(addr: SocketAddr, tls: bool) -> Peer {
+        let ip = addr.ip();
+        let proto = if tls { "https" } else { "http" };
+        let forwarded = match ip {
+            IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={proto}"),
+        };
+        Peer {
+            addr,
+            tls,
+            xff: HeaderValue::from_str(&ip.to_string()).ok(),
+            forwarded,
+        }
+    }
 }
 
 /// Rewrites a client request's headers for the worker: forwarding headers
 /// from the socket (client copies replaced), `Tether-*` set by tether only.
-pub fn rewrite_request(h: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>) {
+pub fn rewrite_request(h: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue>) {
     for name in &FORWARDING {
         h.remove(name);
     }
     // Every Tether-* header is ours to set; a client's copy is dropped.
-    let tether: Vec<HeaderName> = h
+    while let Some(name) = h
         .keys()
-        .filter(|k| k.as_str().starts_with("tether-"))
+        .find(|k| k.as_str().starts_with("tether-"))
         .cloned()
-        .collect();
-    for name in tether {
+    {
         h.remove(name);
     }
-    let ip = peer.addr.ip();
-    let proto = if peer.tls { "https" } else { "http" };
-    if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
-        h.insert(FORWARDING[0].clone(), v);
+    if let Some(v) = &peer.xff {
+        h.insert(FORWARDING[0].clone(), v.clone());
     }
+    let proto = if peer.tls { "https" } else { "http" };
     h.insert(FORWARDING[1].clone(), HeaderValue::from_static(proto));
-    let host_str = host.and_then(|v| v.to_str().ok());
     if let Some(v) = host {
         h.insert(FORWARDING[2].clone(), v.clone());
     }
-    let for_node = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let forwarded = match host_str {
-        Some(host) if host.bytes().all(|b| b.is_ascii_graphic() && b != b'"') => {
-            format!("for={for_node};proto={proto};host=\"{host}\"")
-        }
-        _ => format!("for={for_node};proto={proto}"),
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    let host = host
+        .and_then(|v| v.to_str().ok())
+        .filter(|host| host.bytes().all(|b| b.is_ascii_graphic() && b != b'"'));
+    let mut forwarded = Vec::with_capacity(peer.forwarded.len() + host.map_or(0, |h| h.len() + 8));
+    forwarded.extend_from_slice(peer.forwarded.as_bytes());
+    if let Some(host) = host {
+        forwarded.extend_from_slice(b";host=\"");
+        forwarded.extend_from_slice(host.as_bytes());
+        forwarded.push(b'"');
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)) {
         h.insert(header::FORWARDED, v);
     }
 }

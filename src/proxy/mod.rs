@@ -165,7 +165,7 @@ impl Proxy {
     pub async fn handle(
         &self,
         req: http::Request<Incoming>,
-        peer: Peer,
+        peer: &Peer,
     ) -> http::Response<ProxyBody> {
         let started = Instant::now();
         let request_id = self.shared.requests.fetch_add(1, Ordering::Relaxed);

@@ -94,7 +94,7 @@ pub(super) async fn serve(
         let metrics = limit.metrics.clone();
         tokio::spawn(async move {
             metrics.connections.inc();
-            let peer = Peer { addr, tls: is_tls };
+            let peer = Peer::new(addr, is_tls);
             match (is_tls, tls_cfg) {
                 (false, _) => serve_conn(stream, peer, proxy, &limits, watcher).await,
                 (true, Some(cfg)) => {
@@ -151,8 +151,11 @@ where
 {
     let scanner = Scanner::new(limits.max_header_bytes);
     let smuggled = scanner.flag();
+    let peer = Arc::new(peer);
+    let conn_peer = peer.clone();
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
+        let peer = conn_peer.clone();
         let refuse = smuggled.load(Ordering::Relaxed);
         async move {
             if refuse {
@@ -161,7 +164,7 @@ where
                     ProxyError::from(Smuggling::LengthAndChunked).to_response(),
                 );
             }
-            Ok::<_, Infallible>(proxy.handle(req, peer).await)
+            Ok::<_, Infallible>(proxy.handle(req, &peer).await)
         }
     });
     let b = builder(limits);
