@@ -108,7 +108,8 @@ struct ReplayState {
 /// send it again. Every clone reads the same source: frames taken from it
 /// by any attempt are recorded, and each attempt first replays the record.
 pub struct ReplayBody {
-    state: Arc<Mutex<ReplayState>>,
+    /// `None` for a request without a body: nothing to record or lock.
+    state: Option<Arc<Mutex<ReplayState>>>,
     pos: usize,
     hint: SizeHint,
 }
@@ -118,7 +119,7 @@ impl ReplayBody {
     pub fn new(source: ProxyBody, cap: usize) -> ReplayBody {
         let hint = source.size_hint();
         ReplayBody {
-            state: Arc::new(Mutex::new(ReplayState {
+            state: Some(Arc::new(Mutex::new(ReplayState {
                 source: Some(source),
                 frames: Vec::new(),
                 buffered: 0,
@@ -126,21 +127,32 @@ impl ReplayBody {
                 overflowed: false,
                 started: false,
                 ended: false,
-            })),
+            }))),
             pos: 0,
             hint,
+        }
+    }
+
+    /// The body of a request that has none (most GETs).
+    pub fn empty() -> ReplayBody {
+        ReplayBody {
+            state: None,
+            pos: 0,
+            hint: SizeHint::with_exact(0),
         }
     }
 
     /// Another attempt at sending the same body, or `None` when it cannot be
     /// reproduced (more than the cap was already sent).
     pub fn try_clone(&self) -> Option<ReplayBody> {
-        let st = self.lock();
-        if st.overflowed {
+        let Some(state) = &self.state else {
+            return Some(ReplayBody::empty());
+        };
+        if lock(state).overflowed {
             return None;
         }
         Some(ReplayBody {
-            state: self.state.clone(),
+            state: Some(state.clone()),
             pos: 0,
             hint: self.hint,
         })
@@ -148,12 +160,12 @@ impl ReplayBody {
 
     /// Whether any byte of the body has been taken from the client yet.
     pub fn started(&self) -> bool {
-        self.lock().started
+        self.state.as_ref().is_some_and(|s| lock(s).started)
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ReplayState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
+fn lock(state: &Mutex<ReplayState>) -> std::sync::MutexGuard<'_, ReplayState> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn copy_frame(f: &Frame<Bytes>) -> Option<Frame<Bytes>> {
@@ -169,15 +181,19 @@ impl Body for ReplayBody {
     type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let pos = self.pos;
-        let mut st = self.lock();
+        let this = self.get_mut();
+        let pos = this.pos;
+        let Some(state) = &this.state else {
+            return Poll::Ready(None);
+        };
+        let mut st = lock(state);
         if pos < st.frames.len() {
             let frame = copy_frame(&st.frames[pos]);
             drop(st);
-            self.pos += 1;
+            this.pos += 1;
             return Poll::Ready(frame.map(Ok));
         }
         if st.ended {
@@ -212,7 +228,7 @@ impl Body for ReplayBody {
                 }
                 drop(st);
                 if recorded {
-                    self.pos += 1;
+                    this.pos += 1;
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -220,7 +236,10 @@ impl Body for ReplayBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let st = self.lock();
+        let Some(state) = &self.state else {
+            return true;
+        };
+        let st = lock(state);
         if self.pos < st.frames.len() {
             return false;
         }

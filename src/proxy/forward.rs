@@ -60,25 +60,31 @@ impl Proxy {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
+        // Only removals here: values tether adds go into each attempt's
+        // copy, so copying the client's (parser-shared) values stays cheap.
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        headers::rewrite_request(&mut parts.headers, peer, host.as_ref());
-        cookies::strip(&mut parts.headers, live.codec.name());
-        if let Some(h) = &host {
-            parts.headers.insert(HOST, h.clone());
-        }
+        let outbound = Outbound {
+            peer,
+            host: host.as_ref(),
+            cookie: live.codec.name(),
+        };
         let path = parts
             .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
 
-        let body: ProxyBody = match live.config.limits.max_body_bytes {
-            Some(limit) => Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
-                .map_err(BoxError::from)
-                .boxed(),
-            None => body.map_err(BoxError::from).boxed(),
+        let body = if http_body::Body::is_end_stream(&body) {
+            ReplayBody::empty()
+        } else {
+            let body: ProxyBody = match live.config.limits.max_body_bytes {
+                Some(limit) => Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+                    .map_err(BoxError::from)
+                    .boxed(),
+                None => body.map_err(BoxError::from).boxed(),
+            };
+            ReplayBody::new(body, REPLAY_BYTES)
         };
-        let body = ReplayBody::new(body, REPLAY_BYTES);
         let retry_safe = headers::is_retry_safe(&parts.method, &parts.headers);
 
         let mut attempt_body = Some(body);
@@ -89,7 +95,7 @@ impl Proxy {
                 return Err(ProxyError::NoWorker);
             };
             let next_body = this_body.try_clone();
-            let req = upstream_request(&parts, &path, &route, this_body)?;
+            let req = upstream_request(&parts, &path, &route, &outbound, this_body)?;
             let result = self.send(live, &route.backend, req).await;
             let err = match result {
                 Ok(resp) => {
@@ -139,7 +145,7 @@ impl Proxy {
         &self,
         live: &Live,
         backend: &Arc<Backend>,
-        req: Request<ProxyBody>,
+        req: Request<ReplayBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let limits = &live.config.limits;
         let passive = &live.config.passive;
@@ -313,12 +319,20 @@ impl Proxy {
 }
 
 /// Builds one attempt's request for `route.backend`.
+/// What every attempt's request headers get from the client connection.
+struct Outbound<'a> {
+    peer: &'a Peer,
+    host: Option<&'a HeaderValue>,
+    cookie: &'a str,
+}
+
 fn upstream_request(
     parts: &http::request::Parts,
     path: &PathAndQuery,
     route: &Route,
+    out: &Outbound<'_>,
     body: ReplayBody,
-) -> Result<Request<ProxyBody>, ProxyError> {
+) -> Result<Request<ReplayBody>, ProxyError> {
     let uri = Uri::builder()
         .scheme(Scheme::HTTP)
         .authority(route.backend.authority.clone())
@@ -328,13 +342,19 @@ fn upstream_request(
             backend: route.backend.id.clone(),
             source: Box::new(e),
         })?;
-    let mut req = Request::new(http_body_util::BodyExt::boxed(body));
+    let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     let h = req.headers_mut();
     *h = parts.headers.clone();
-    if let Ok(v) = HeaderValue::from_str(&route.pin.session.to_hex()) {
+    headers::rewrite_request(h, out.peer, out.host);
+    cookies::strip(h, out.cookie);
+    if let Some(host) = out.host {
+        h.insert(HOST, host.clone());
+    }
+    let session = bytes::Bytes::from(route.pin.session.to_hex().into_bytes());
+    if let Ok(v) = HeaderValue::from_maybe_shared(session) {
         h.insert(TETHER_SESSION, v);
     }
     h.insert(TETHER_EPOCH, HeaderValue::from(route.pin.epoch));

@@ -12,6 +12,7 @@
 //! response and writes the one access-log line.
 
 pub mod body;
+mod connector;
 mod continuity;
 pub mod error;
 mod forward;
@@ -82,7 +83,7 @@ impl Live {
 pub struct Shared {
     /// Config, keys and workers; swapped on reload.
     pub live: ArcSwap<Live>,
-    client: Client<HttpConnector, ProxyBody>,
+    client: Client<connector::Connector, body::ReplayBody>,
     /// Live sessions per worker.
     pub sessions: SessionTable,
     /// Request-key pins.
@@ -131,7 +132,7 @@ impl Proxy {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(config.limits.idle_timeout)
-            .build(connector);
+            .build(connector::Connector(connector));
         Proxy {
             shared: Arc::new(Shared {
                 live: ArcSwap::from_pointee(Live::build(config, None)),

@@ -82,7 +82,11 @@ fn forwarding_headers_are_replaced_from_the_socket() {
         ("tether-epoch", "99"),
     ]);
     let peer = Peer::new("[::1]:4000".parse().unwrap(), true);
-    rewrite_request(&mut h, &peer, Some(&HeaderValue::from_static("example.com")));
+    rewrite_request(
+        &mut h,
+        &peer,
+        Some(&HeaderValue::from_static("example.com")),
+    );
     assert_eq!(h.get("x-forwarded-for").unwrap(), "::1");
     assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
     assert_eq!(h.get("x-forwarded-host").unwrap(), "example.com");
