@@ -33,6 +33,13 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Label: an outcome (of a restore).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// Stable outcome label.
+    pub outcome: &'static str,
+}
+
 /// Labels: a probe's worker and result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabels {
@@ -66,7 +73,7 @@ pub struct Metrics {
     /// Live pinned sessions per worker (scrape time).
     pub backend_sessions: Family<BackendLabel, Gauge>,
     /// Restores by outcome (`ok`, `failed`, `followed`).
-    pub restores: Family<ReasonLabel, Counter>,
+    pub restores: Family<OutcomeLabel, Counter>,
     /// Restore duration.
     pub restore_duration: Histogram,
     /// Capture pulls by result.

@@ -14,7 +14,7 @@ use crate::config::OnRestoreFailure;
 use crate::continuity::capture::Hint;
 use crate::continuity::overrides::Override;
 use crate::continuity::restore::{restore_threads, RestoreError};
-use crate::metrics::ReasonLabel;
+use crate::metrics::OutcomeLabel;
 use crate::store::{Repin, RestoreRow, SessionRow, Store};
 
 /// How often a replica that lost the re-pin race checks the winner's
@@ -84,14 +84,12 @@ impl Proxy {
         m.restore_duration.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(outcome) => {
-                m.restores
-                    .get_or_create(&ReasonLabel { reason: outcome })
-                    .inc();
+                m.restores.get_or_create(&OutcomeLabel { outcome }).inc();
                 Ok(Continuity::Ready)
             }
             Err(e) => {
                 m.restores
-                    .get_or_create(&ReasonLabel { reason: "failed" })
+                    .get_or_create(&OutcomeLabel { outcome: "failed" })
                     .inc();
                 tracing::warn!(
                     session = %route.pin.session,
