@@ -4,11 +4,10 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BackendConfig, Config};
+use crate::config::BackendConfig;
 use crate::health::Health;
 use crate::proxy::Proxy;
 
@@ -41,15 +40,7 @@ pub async fn run(proxy: Proxy, health: Health, cancel: CancellationToken) {
                 let addrs: BTreeSet<SocketAddr> = found.collect();
                 if last.as_ref() != Some(&addrs) {
                     tracing::info!(dns = %d.dns, workers = addrs.len(), "discovery: worker set changed");
-                    let mut config: Config = (*live.config).clone();
-                    let statics = config.backends.len();
-                    for b in backends_for(&addrs) {
-                        if !config.backends.iter().any(|s| s.id == b.id) {
-                            config.backends.push(b);
-                        }
-                    }
-                    tracing::debug!(statics, total = config.backends.len(), "discovery applied");
-                    proxy.reload(Arc::new(config));
+                    proxy.set_discovered(backends_for(&addrs));
                     health.sync();
                     last = Some(addrs);
                 }

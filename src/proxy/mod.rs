@@ -34,7 +34,7 @@ use crate::affinity::pins::{PinTable, SessionTable};
 use crate::affinity::{Codec, Lifetimes, PinOutcome};
 use crate::backends::BackendSet;
 use crate::clock::SharedClock;
-use crate::config::Config;
+use crate::config::{BackendConfig, Config};
 use crate::continuity::capture::CaptureQueue;
 use crate::continuity::contract::Contract;
 use crate::continuity::overrides::Overrides;
@@ -81,8 +81,17 @@ impl Live {
 
 /// Shared state of the proxy.
 pub struct Shared {
-    /// Config, keys and workers; swapped on reload.
+    /// Config, keys and workers; swapped on reload. Its backends are the
+    /// declared ones plus those discovery found.
     pub live: ArcSwap<Live>,
+    /// The config as loaded (declared backends only), kept so a reload and
+    /// a discovery change each replace only their own part.
+    declared: ArcSwap<Config>,
+    /// The backends DNS discovery found last (empty without discovery).
+    discovered: ArcSwap<Vec<BackendConfig>>,
+    /// Serializes rebuilds so a reload and a discovery change cannot
+    /// overwrite each other's result.
+    rebuilding: std::sync::Mutex<()>,
     client: Client<connector::Connector, body::ReplayBody>,
     /// Live sessions per worker.
     pub sessions: SessionTable,
@@ -135,7 +144,10 @@ impl Proxy {
             .build(connector::Connector(connector));
         Proxy {
             shared: Arc::new(Shared {
-                live: ArcSwap::from_pointee(Live::build(config, None)),
+                live: ArcSwap::from_pointee(Live::build(config.clone(), None)),
+                declared: ArcSwap::new(config),
+                discovered: ArcSwap::from_pointee(Vec::new()),
+                rebuilding: std::sync::Mutex::new(()),
                 client,
                 sessions: SessionTable::new(MAX_TRACKED_SESSIONS),
                 pins: PinTable::new(MAX_TRACKED_SESSIONS),
@@ -153,8 +165,38 @@ impl Proxy {
         }
     }
 
-    /// Swaps in a new config (backends, keys, limits that apply per request).
+    /// Swaps in a new config (backends, keys, limits that apply per
+    /// request). Workers found by discovery stay while discovery is on.
     pub fn reload(&self, config: Arc<Config>) {
+        self.shared.declared.store(config);
+        self.rebuild();
+    }
+
+    /// Replaces the workers found by discovery (the declared ones stay).
+    pub fn set_discovered(&self, found: Vec<BackendConfig>) {
+        self.shared.discovered.store(Arc::new(found));
+        self.rebuild();
+    }
+
+    fn rebuild(&self) {
+        let _serial = self
+            .shared
+            .rebuilding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let declared = self.shared.declared.load_full();
+        let found = self.shared.discovered.load();
+        let config = if declared.discovery.is_some() && !found.is_empty() {
+            let mut merged = (*declared).clone();
+            for b in found.iter() {
+                if !merged.backends.iter().any(|s| s.id == b.id) {
+                    merged.backends.push(b.clone());
+                }
+            }
+            Arc::new(merged)
+        } else {
+            declared
+        };
         let old = self.shared.live.load_full();
         self.shared
             .live

@@ -533,5 +533,18 @@ async fn dns_discovery_finds_workers() {
     // that lands there is retried on the IPv4 worker.
     assert_eq!(resp.status(), 200);
     assert_eq!(worker_of(&resp), "a");
+
+    // A reload (SIGHUP) replaces the declared part only: the discovered
+    // worker is still there at once, not after the next lookup.
+    t.handle()
+        .reload(config(&with_store(&text, t.dir.path())))
+        .unwrap();
+    assert!(
+        backends(&t).await.contains_key(&id),
+        "reload dropped discovered workers"
+    );
+    let resp = plain().get(t.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(worker_of(&resp), "a");
     t.stop().await;
 }
