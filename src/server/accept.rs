@@ -131,7 +131,11 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
+        // hyper starts this timer when it waits for a head, which on a
+        // kept-alive connection is as soon as the previous response ended:
+        // it is the idle timeout. The head itself is bounded by
+        // `header_timeout` from its first byte in `Scanned`.
+        .header_read_timeout(limits.idle_timeout.max(limits.header_timeout))
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
     b.http2()
@@ -168,7 +172,10 @@ where
         }
     });
     let b = builder(limits);
-    let conn = b.serve_connection_with_upgrades(TokioIo::new(Scanned::new(io, scanner)), svc);
+    let conn = b.serve_connection_with_upgrades(
+        TokioIo::new(Scanned::new(io, scanner, limits.header_timeout)),
+        svc,
+    );
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(peer = %peer.addr, error = %e, "connection ended with error");
     }

@@ -5,13 +5,16 @@
 //! wrapper follows the byte stream (heads, fixed and chunked bodies) and
 //! raises a flag the service checks before the request is served.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
@@ -50,6 +53,11 @@ impl Scanner {
     /// Set once a head carried both `Content-Length` and `Transfer-Encoding`.
     pub fn flag(&self) -> Arc<AtomicBool> {
         self.flag.clone()
+    }
+
+    /// Whether part of a request head has arrived and not its end.
+    pub fn head_pending(&self) -> bool {
+        self.state == State::Head && !self.line.is_empty()
     }
 
     /// Feeds bytes read from the client.
@@ -183,18 +191,27 @@ impl Scanner {
 }
 
 pin_project_lite::pin_project! {
-    /// Client I/O with a [`Scanner`] on the read side.
+    /// Client I/O with a [`Scanner`] on the read side. It also bounds a
+    /// request head to `header_timeout` from its first byte (slowloris),
+    /// so hyper's own head timer can be the keep-alive idle timeout.
     pub struct Scanned<T> {
         #[pin]
         io: T,
         scanner: Scanner,
+        header_timeout: Duration,
+        deadline: Option<Pin<Box<Sleep>>>,
     }
 }
 
 impl<T> Scanned<T> {
     /// Wraps `io`.
-    pub fn new(io: T, scanner: Scanner) -> Self {
-        Scanned { io, scanner }
+    pub fn new(io: T, scanner: Scanner, header_timeout: Duration) -> Self {
+        Scanned {
+            io,
+            scanner,
+            header_timeout,
+            deadline: None,
+        }
     }
 }
 
@@ -207,10 +224,33 @@ impl<T: AsyncRead> AsyncRead for Scanned<T> {
         let this = self.project();
         let before = buf.filled().len();
         let r = this.io.poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            this.scanner.feed(&buf.filled()[before..]);
+        match r {
+            Poll::Ready(Ok(())) => {
+                this.scanner.feed(&buf.filled()[before..]);
+                if !this.scanner.head_pending() {
+                    *this.deadline = None;
+                } else if this.deadline.is_none() {
+                    // Heads that arrive in one read never get here: the
+                    // timer costs only a head sent in pieces.
+                    *this.deadline = Some(Box::pin(tokio::time::sleep(*this.header_timeout)));
+                }
+                r
+            }
+            Poll::Pending => {
+                let expired = this
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if expired {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "request head not complete within limits.header_timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Err(_)) => r,
         }
-        r
     }
 }
 

@@ -101,6 +101,44 @@ async fn slow_head_is_cut_at_header_timeout() {
     t.stop().await;
 }
 
+/// Reads one small response (headers and a body that fits in one read).
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut buf = vec![0u8; 16 * 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// On a paused clock: an idle kept-alive connection lives for
+/// `limits.idle_timeout` (not `header_timeout`), then it is closed.
+#[tokio::test]
+async fn idle_keep_alive_lasts_idle_timeout_not_header_timeout() {
+    let a = Worker::start("a").await;
+    let t = Tether::start(&config_text(
+        &[&a],
+        "[limits]\nheader_timeout = \"1s\"\nidle_timeout = \"20s\"\n",
+    ))
+    .await;
+    let mut s = TcpStream::connect(t.http).await.unwrap();
+    let get = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    s.write_all(get).await.unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    tokio::time::pause();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    s.write_all(get).await.unwrap();
+    let second = read_response(&mut s).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "idle 15 s: {second:?}");
+    let idle_from = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "still open after 60 s idle");
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_secs(20) && idle < Duration::from_secs(25),
+        "closed after {idle:?} idle"
+    );
+    t.stop().await;
+}
+
 #[tokio::test]
 async fn max_connections_refuses_new_connections_without_stalling_old_ones() {
     let a = Worker::start("a").await;
