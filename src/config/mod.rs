@@ -324,6 +324,8 @@ pub struct State {
     pub retention: Duration,
     /// Bound of the background queues (default 10000).
     pub queue: usize,
+    /// Largest thread export read from a worker (default 64 MiB).
+    pub max_export_bytes: usize,
 }
 
 /// `[limits]`
@@ -343,6 +345,14 @@ pub struct Limits {
     pub max_body_bytes: Option<u64>,
     /// Deadline to connect to a worker (default 5 s).
     pub connect_timeout: Duration,
+    /// Request-body bytes kept so a retry can resend them (default 65536;
+    /// a longer body is not retried once it started to flow).
+    pub retry_body_bytes: usize,
+    /// Most attempts for one request, the first included (default 3).
+    pub max_attempts: u32,
+    /// Live sessions and request-key pins held in memory (default
+    /// 1000000; read at start).
+    pub max_sessions: usize,
 }
 
 /// `[shutdown]`

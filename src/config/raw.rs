@@ -314,6 +314,8 @@ pub struct RawState {
     pub retention: String,
     /// `queue`: bound of the background queues.
     pub queue: i64,
+    /// `max_export_bytes`: largest thread export read from a worker.
+    pub max_export_bytes: i64,
 }
 
 impl Default for RawState {
@@ -326,6 +328,7 @@ impl Default for RawState {
             restore_timeout: "5s".into(),
             retention: "7d".into(),
             queue: 10_000,
+            max_export_bytes: 64 << 20,
         }
     }
 }
@@ -348,6 +351,12 @@ pub struct RawLimits {
     pub max_body_bytes: Option<i64>,
     /// `connect_timeout`: deadline for connecting to a worker.
     pub connect_timeout: String,
+    /// `retry_body_bytes`: request-body bytes kept for a retry.
+    pub retry_body_bytes: i64,
+    /// `max_attempts`: attempts per request, the first included.
+    pub max_attempts: i64,
+    /// `max_sessions`: sessions and pins held in memory.
+    pub max_sessions: i64,
 }
 
 impl Default for RawLimits {
@@ -360,6 +369,9 @@ impl Default for RawLimits {
             stream_idle: "15m".into(),
             max_body_bytes: None,
             connect_timeout: "5s".into(),
+            retry_body_bytes: 65_536,
+            max_attempts: 3,
+            max_sessions: 1_000_000,
         }
     }
 }

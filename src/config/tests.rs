@@ -90,6 +90,9 @@ fn minimal_config_gets_the_documented_defaults() {
     assert_eq!((l.header_timeout, l.idle_timeout), (secs(10), secs(60)));
     assert_eq!((l.stream_idle, l.connect_timeout), (secs(900), secs(5)));
     assert_eq!(l.max_body_bytes, None);
+    assert_eq!((l.retry_body_bytes, l.max_attempts), (65_536, 3));
+    assert_eq!(l.max_sessions, 1_000_000);
+    assert_eq!(s.max_export_bytes, 64 << 20);
     assert_eq!(c.shutdown.grace, secs(30));
 }
 
@@ -142,6 +145,10 @@ fn bad_values_name_their_key() {
         "limits    | max_header_bytes = 100              | limits.max_header_bytes:",
         "limits    | max_header_bytes = 2000000          | limits.max_header_bytes:",
         "limits    | connect_timeout = '0s'              | limits.connect_timeout:",
+        "limits    | max_attempts = 0                    | limits.max_attempts:",
+        "limits    | retry_body_bytes = -1               | limits.retry_body_bytes:",
+        "limits    | max_sessions = 0                    | limits.max_sessions:",
+        "state     | max_export_bytes = 10               | state.max_export_bytes:",
         "shutdown  | grace = 'forever'                   | shutdown.grace:",
     ]);
 }

@@ -263,6 +263,7 @@ fn state(s: &RawState) -> R<State> {
         restore_timeout: dur_pos("state.restore_timeout", &s.restore_timeout)?,
         retention: dur("state.retention", &s.retention)?,
         queue: int("state.queue", s.queue, 1, 10_000_000)?,
+        max_export_bytes: int("state.max_export_bytes", s.max_export_bytes, 1024, 1 << 32)?,
     })
 }
 
@@ -277,6 +278,9 @@ fn limits(l: &RawLimits) -> R<Limits> {
         stream_idle: dur_pos("limits.stream_idle", &l.stream_idle)?,
         max_body_bytes: opt(l.max_body_bytes, max_body)?,
         connect_timeout: dur_pos("limits.connect_timeout", &l.connect_timeout)?,
+        retry_body_bytes: int("limits.retry_body_bytes", l.retry_body_bytes, 0, 1 << 26)?,
+        max_attempts: int("limits.max_attempts", l.max_attempts, 1, 10)?,
+        max_sessions: int("limits.max_sessions", l.max_sessions, 1, 100_000_000)?,
     })
 }
 

@@ -15,9 +15,6 @@ use serde::Deserialize;
 use crate::backends::Backend;
 use crate::config::State;
 
-/// Largest contract response tether reads (a thread export).
-const MAX_RESPONSE: usize = 64 * 1024 * 1024;
-
 /// A contract call that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ContractError {
@@ -171,7 +168,7 @@ impl Contract {
                 .await
                 .map_err(|e| transport(e.to_string()))?;
             let status = resp.status();
-            let body = Limited::new(resp.into_body(), MAX_RESPONSE)
+            let body = Limited::new(resp.into_body(), state.max_export_bytes)
                 .collect()
                 .await
                 .map_err(|e| transport(e.to_string()))?

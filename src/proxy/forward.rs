@@ -25,11 +25,6 @@ use crate::metrics::BackendLabel;
 /// `Tether-Restore: failed` on a response forwarded without history.
 const TETHER_RESTORE: http::HeaderName = http::HeaderName::from_static("tether-restore");
 
-/// Most attempts for one request (the first plus retries).
-const MAX_ATTEMPTS: u32 = 3;
-/// Most request-body bytes remembered so a retry can resend them.
-const REPLAY_BYTES: usize = 64 * 1024;
-
 impl Proxy {
     /// The inner handler: screen, route, forward, respond.
     pub(super) async fn run(
@@ -83,7 +78,7 @@ impl Proxy {
                     .boxed(),
                 None => body.map_err(BoxError::from).boxed(),
             };
-            ReplayBody::new(body, REPLAY_BYTES)
+            ReplayBody::new(body, live.config.limits.retry_body_bytes)
         };
         let retry_safe = headers::is_retry_safe(&parts.method, &parts.headers);
 
@@ -110,7 +105,7 @@ impl Proxy {
                 }
                 Err(err) => err,
             };
-            let retry = trace.attempts < MAX_ATTEMPTS
+            let retry = trace.attempts < live.config.limits.max_attempts
                 && next_body.is_some()
                 && (err.nothing_sent() || retry_safe);
             if !retry {

@@ -46,9 +46,6 @@ pub use body::ProxyBody;
 pub use error::ProxyError;
 pub use headers::Peer;
 
-/// Most sessions the in-memory tables track (pins and live sessions).
-pub const MAX_TRACKED_SESSIONS: usize = 1_000_000;
-
 /// The reloadable part of the proxy: swapped whole on SIGHUP.
 #[derive(Debug)]
 pub struct Live {
@@ -137,6 +134,7 @@ impl Proxy {
         connector.set_nodelay(true);
         connector.enforce_http(true);
         let queue = config.state.queue;
+        let max_sessions = config.limits.max_sessions;
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -149,14 +147,14 @@ impl Proxy {
                 discovered: ArcSwap::from_pointee(Vec::new()),
                 rebuilding: std::sync::Mutex::new(()),
                 client,
-                sessions: SessionTable::new(MAX_TRACKED_SESSIONS),
-                pins: PinTable::new(MAX_TRACKED_SESSIONS),
+                sessions: SessionTable::new(max_sessions),
+                pins: PinTable::new(max_sessions),
                 metrics,
                 clock,
                 rr: AtomicUsize::new(0),
                 requests: AtomicU64::new(0),
                 store: StoreSlot::default(),
-                overrides: Overrides::new(MAX_TRACKED_SESSIONS),
+                overrides: Overrides::new(max_sessions),
                 capture: CaptureQueue::new(queue),
                 contract: Contract::new(),
                 writer: SessionWriter::new(queue),
