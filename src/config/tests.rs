@@ -363,6 +363,20 @@ fn secrets_do_not_print() {
 }
 
 #[test]
+fn the_container_config_parses() {
+    set_env("TETHER_COOKIE_KEY", KEY);
+    set_env("TETHER_WORKERS_DNS", "workers.default.svc");
+    set_env("TETHER_STORE", "postgres://tether@db/tether");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/docker.toml");
+    let c = Config::load(&path).unwrap();
+    assert_eq!(c.listen.http, Some("0.0.0.0:8080".parse().unwrap()));
+    assert_eq!(c.listen.admin, "0.0.0.0:9900".parse().unwrap());
+    let d = c.discovery.expect("discovery");
+    assert_eq!((d.dns.as_str(), d.port), ("workers.default.svc", 8000));
+    assert_eq!(c.state.store.expose(), "postgres://tether@db/tether");
+}
+
+#[test]
 fn the_committed_example_parses() {
     set_env("TETHER_COOKIE_KEY", KEY);
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tether.toml");
