@@ -112,6 +112,9 @@ pid $WORK/nginx/nginx.pid;
 events { worker_connections 4096; }
 http {
   access_log off;
+  # nginx closes a connection after 1000 requests by default; h2load does
+  # not reconnect, so without this its HTTP/2 figure counts idle clients.
+  keepalive_requests 100000000;
   client_body_temp_path $WORK/nginx;
   proxy_temp_path $WORK/nginx;
   upstream up {
