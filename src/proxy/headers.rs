@@ -161,7 +161,8 @@ pub struct Peer {
 impl Peer {
     /// The peer of a connection from `addr`, over TLS or not.
     pub fn new(addr: SocketAddr, tls: bool) -> Peer {
-        let ip = addr.ip();
+        // A v4 client on a dual-stack listener shows as its v4 address.
+        let ip = addr.ip().to_canonical();
         let proto = if tls { "https" } else { "http" };
         let forwarded = match ip {
             IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
@@ -198,9 +199,10 @@ pub fn rewrite_request(h: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue
     if let Some(v) = host {
         h.insert(FORWARDING[2].clone(), v.clone());
     }
-    let host = host
-        .and_then(|v| v.to_str().ok())
-        .filter(|host| host.bytes().all(|b| b.is_ascii_graphic() && b != b'"'));
+    let host = host.and_then(|v| v.to_str().ok()).filter(|host| {
+        host.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    });
     let mut forwarded = Vec::with_capacity(peer.forwarded.len() + host.map_or(0, |h| h.len() + 8));
     forwarded.extend_from_slice(peer.forwarded.as_bytes());
     if let Some(host) = host {

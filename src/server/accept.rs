@@ -155,12 +155,15 @@ where
 {
     let scanner = Scanner::new(limits.max_header_bytes);
     let smuggled = scanner.flag();
+    let switched = scanner.switch();
     let peer = Arc::new(peer);
     let conn_peer = peer.clone();
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
         let peer = conn_peer.clone();
         let refuse = smuggled.load(Ordering::Relaxed);
+        let switched = switched.clone();
+        let connect = req.method() == http::Method::CONNECT;
         async move {
             if refuse {
                 tracing::debug!(peer = %peer.addr, "refused a head with both Content-Length and Transfer-Encoding");
@@ -168,7 +171,14 @@ where
                     ProxyError::from(Smuggling::LengthAndChunked).to_response(),
                 );
             }
-            Ok::<_, Infallible>(proxy.handle(req, &peer).await)
+            let resp = proxy.handle(req, &peer).await;
+            // What follows a 101 (or a CONNECT's 2xx) is not HTTP/1:
+            // stop scanning it for heads.
+            let status = resp.status();
+            if status == http::StatusCode::SWITCHING_PROTOCOLS || (connect && status.is_success()) {
+                switched.store(true, Ordering::Relaxed);
+            }
+            Ok::<_, Infallible>(resp)
         }
     });
     let b = builder(limits);

@@ -158,6 +158,12 @@ impl Handle {
         if config.tls.is_some() != old.config.tls.is_some() {
             return Err(ServerError::NeedsRestart("[tls]"));
         }
+        // The discovery task starts with tether and ends without
+        // [discovery]: turning it on or off needs a restart (its name,
+        // port and interval may change on reload).
+        if config.discovery.is_some() != old.config.discovery.is_some() {
+            return Err(ServerError::NeedsRestart("[discovery]"));
+        }
         let new_tls = match &config.tls {
             Some(t) => Some(tls::server_config(t)?),
             None => None,

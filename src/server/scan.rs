@@ -26,7 +26,7 @@ enum State {
     ChunkData(u64),
     ChunkEnd(u8),
     Trailers,
-    /// HTTP/2, an upgrade, or a head hyper will refuse anyway.
+    /// HTTP/2, an upgraded connection, or a head hyper will refuse anyway.
     Off,
 }
 
@@ -37,7 +37,17 @@ pub struct Scanner {
     line: Vec<u8>,
     limit: usize,
     flag: Arc<AtomicBool>,
+    /// Set by the service when it answered `101`: the bytes that follow
+    /// belong to the upgraded protocol.
+    switched: Arc<AtomicBool>,
+    /// Whether a first head completed (or the connection turned HTTP/2).
+    started: bool,
+    /// Bytes seen, up to the length of the HTTP/2 preface.
+    seen: usize,
 }
+
+/// Length of the whole HTTP/2 connection preface.
+const H2_PREFACE_LEN: usize = 24;
 
 impl Scanner {
     /// A scanner giving up on heads longer than `limit` (hyper answers 431).
@@ -47,7 +57,16 @@ impl Scanner {
             line: Vec::new(),
             limit: limit + 1024,
             flag: Arc::new(AtomicBool::new(false)),
+            switched: Arc::new(AtomicBool::new(false)),
+            started: false,
+            seen: 0,
         }
+    }
+
+    /// The switch the service flips when it answers `101 Switching
+    /// Protocols`: scanning stops there.
+    pub fn switch(&self) -> Arc<AtomicBool> {
+        self.switched.clone()
     }
 
     /// Set once a head carried both `Content-Length` and `Transfer-Encoding`.
@@ -55,13 +74,29 @@ impl Scanner {
         self.flag.clone()
     }
 
-    /// Whether part of a request head has arrived and not its end.
+    /// Whether a request head is due: part of one has arrived and not its
+    /// end, or the connection has not yet sent its first head (nor the
+    /// whole HTTP/2 preface).
     pub fn head_pending(&self) -> bool {
-        self.state == State::Head && !self.line.is_empty()
+        match self.state {
+            State::Head => !self.started || !self.line.is_empty(),
+            State::Off => !self.started,
+            _ => false,
+        }
     }
 
     /// Feeds bytes read from the client.
     pub fn feed(&mut self, mut bytes: &[u8]) {
+        if self.switched.load(Ordering::Relaxed) {
+            self.state = State::Off;
+            self.started = true;
+        }
+        if !self.started && self.state == State::Off {
+            // Only an HTTP/2 preface turns a fresh connection off: done
+            // once all of it has arrived.
+            self.seen = self.seen.saturating_add(bytes.len());
+            self.started = self.seen >= H2_PREFACE_LEN;
+        }
         while !bytes.is_empty() {
             match self.state {
                 State::Off => return,
@@ -106,6 +141,8 @@ impl Scanner {
                     }
                     if self.state == State::Head && self.line.starts_with(H2_PREFACE) {
                         self.state = State::Off;
+                        self.seen = self.line.len() + bytes.len();
+                        self.started = self.seen >= H2_PREFACE_LEN;
                         return;
                     }
                     if found {
@@ -127,6 +164,7 @@ impl Scanner {
                     self.line.clear();
                 } else if ends {
                     self.state = self.head_done();
+                    self.started = true;
                     self.line.clear();
                 }
             }
@@ -152,7 +190,7 @@ impl Scanner {
 
     fn head_done(&mut self) -> State {
         let mut length: Option<u64> = None;
-        let (mut has_cl, mut has_te, mut upgrade) = (false, false, false);
+        let (mut has_cl, mut has_te) = (false, false);
         for line in self.line.split(|&b| b == b'\n').skip(1) {
             let Some(colon) = line.iter().position(|&b| b == b':') else {
                 continue;
@@ -167,15 +205,10 @@ impl Scanner {
                     .and_then(|v| v.trim().parse().ok());
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 has_te = true;
-            } else if name.eq_ignore_ascii_case(b"upgrade") {
-                upgrade = true;
             }
         }
         if has_cl && has_te {
             self.flag.store(true, Ordering::Relaxed);
-            return State::Off;
-        }
-        if upgrade {
             return State::Off;
         }
         if has_te {
@@ -205,12 +238,13 @@ pin_project_lite::pin_project! {
 
 impl<T> Scanned<T> {
     /// Wraps `io`.
+    /// The first head is due `header_timeout` after the connection opened.
     pub fn new(io: T, scanner: Scanner, header_timeout: Duration) -> Self {
         Scanned {
             io,
             scanner,
             header_timeout,
-            deadline: None,
+            deadline: Some(Box::pin(tokio::time::sleep(header_timeout))),
         }
     }
 }
@@ -230,8 +264,8 @@ impl<T: AsyncRead> AsyncRead for Scanned<T> {
                 if !this.scanner.head_pending() {
                     *this.deadline = None;
                 } else if this.deadline.is_none() {
-                    // Heads that arrive in one read never get here: the
-                    // timer costs only a head sent in pieces.
+                    // A kept-alive connection's head that arrives in one
+                    // read never gets here.
                     *this.deadline = Some(Box::pin(tokio::time::sleep(*this.header_timeout)));
                 }
                 r
@@ -323,6 +357,49 @@ mod tests {
             chunked,
             b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
         ]));
+    }
+
+    fn pending_after(chunks: &[&[u8]]) -> bool {
+        let mut s = Scanner::new(65536);
+        for c in chunks {
+            s.feed(c);
+        }
+        s.head_pending()
+    }
+
+    #[test]
+    fn a_head_is_due_until_the_first_one_and_while_one_is_partial() {
+        assert!(pending_after(&[]), "a fresh connection owes its first head");
+        assert!(pending_after(&[b"GET / HTTP/1.1\r\n"]));
+        assert!(!pending_after(&[b"GET / HTTP/1.1\r\n\r\n"]));
+        assert!(pending_after(&[b"GET / HTTP/1.1\r\n\r\n", b"GET /next"]));
+        // A body is not a head.
+        assert!(!pending_after(&[
+            b"POST / HTTP/1.1\r\nContent-Length: 9\r\n\r\nabc"
+        ]));
+        // HTTP/2: due until the whole 24-byte preface arrived.
+        assert!(pending_after(&[b"PRI * HTTP/2.0\r\n"]));
+        assert!(pending_after(&[b"PRI * HTTP/2.0\r\n", b"\r\nSM"]));
+        assert!(!pending_after(&[b"PRI * HTTP/2.0\r\n", b"\r\nSM\r\n\r\n"]));
+    }
+
+    #[test]
+    fn an_upgrade_refused_by_the_worker_keeps_the_connection_scanned() {
+        let mut s = Scanner::new(65536);
+        s.feed(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n");
+        s.feed(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(s.flag().load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn after_a_switch_the_bytes_are_not_heads() {
+        let mut s = Scanner::new(65536);
+        s.feed(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n");
+        s.switch().store(true, Ordering::Relaxed);
+        s.feed(b"\x81\x05hello partial frame without newline");
+        assert!(!s.head_pending());
+        s.feed(b"Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(!s.flag().load(Ordering::Relaxed));
     }
 
     #[test]

@@ -101,6 +101,29 @@ async fn slow_head_is_cut_at_header_timeout() {
     t.stop().await;
 }
 
+#[tokio::test]
+async fn a_silent_connection_is_closed_at_header_timeout() {
+    let a = Worker::start("a").await;
+    let t = Tether::start(&config_text(
+        &[&a],
+        "[limits]\nheader_timeout = \"300ms\"\n",
+    ))
+    .await;
+    // Nothing sent, and an HTTP/2 preface cut short: both must be closed.
+    for sent in [&b""[..], &b"PRI * HTTP/2.0\r\n"[..]] {
+        let mut s = TcpStream::connect(t.http).await.unwrap();
+        s.write_all(sent).await.unwrap();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "connection sending {sent:?} still open after 3 s"
+        );
+    }
+    still_serving(&t).await;
+    t.stop().await;
+}
+
 /// Reads one small response (headers and a body that fits in one read).
 async fn read_response(s: &mut TcpStream) -> String {
     let mut buf = vec![0u8; 16 * 1024];

@@ -543,6 +543,10 @@ async fn dns_discovery_finds_workers() {
         backends(&t).await.contains_key(&id),
         "reload dropped discovered workers"
     );
+    // Turning discovery off needs a restart; the running config stays.
+    let without = config(&with_store(&config_text(&[&a], ""), t.dir.path()));
+    let refused = t.handle().reload(without).unwrap_err().to_string();
+    assert!(refused.contains("[discovery]"), "{refused}");
     let resp = plain().get(t.url("/")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(worker_of(&resp), "a");

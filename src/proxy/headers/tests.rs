@@ -97,3 +97,12 @@ fn forwarding_headers_are_replaced_from_the_socket() {
     assert!(!h.contains_key("tether-session"));
     assert!(!h.contains_key("tether-epoch"));
 }
+
+#[test]
+fn v4_mapped_clients_show_as_v4_and_odd_hosts_stay_out_of_forwarded() {
+    let mut h = map(&[]);
+    let peer = Peer::new("[::ffff:10.1.2.3]:4000".parse().unwrap(), false);
+    rewrite_request(&mut h, &peer, Some(&HeaderValue::from_static("a\\")));
+    assert_eq!(h.get("x-forwarded-for").unwrap(), "10.1.2.3");
+    assert_eq!(h.get("forwarded").unwrap(), "for=10.1.2.3;proto=http");
+}
