@@ -81,11 +81,43 @@ impl PinTable {
     }
 }
 
+/// 32 bytes with its key: unix seconds fit in `u32` until 2106 (and
+/// saturate after), which keeps 100k sessions near 3 MiB.
 struct Live {
     backend: Arc<Backend>,
-    expires_at: u64,
-    written_at: u64,
+    expires_at: u32,
+    written_at: u32,
 }
+
+const _: () = assert!(std::mem::size_of::<(u128, Live)>() == 32);
+
+fn secs32(t: u64) -> u32 {
+    u32::try_from(t).unwrap_or(u32::MAX)
+}
+
+/// Session ids are uniformly random: their high half is already a good
+/// hash (the low bits pick the shard), so no SipHash per request.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached for non-u128 keys, which this table does not use.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        self.0 = (n >> 64) as u64;
+    }
+}
+
+type IdMap = HashMap<u128, Live, std::hash::BuildHasherDefault<IdHasher>>;
 
 /// How often a kept session's last-seen is written to the store.
 const WRITE_EVERY_SECS: u64 = 60;
@@ -94,7 +126,7 @@ const WRITE_EVERY_SECS: u64 = 60;
 /// how many sessions it holds. Bounded: past the capacity new sessions are
 /// not tracked (counts become approximate, routing is unaffected).
 pub struct SessionTable {
-    shards: Vec<Mutex<HashMap<u128, Live>>>,
+    shards: Vec<Mutex<IdMap>>,
     per_shard: usize,
 }
 
@@ -110,12 +142,12 @@ impl SessionTable {
     /// A table tracking at most about `capacity` sessions.
     pub fn new(capacity: usize) -> SessionTable {
         SessionTable {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(IdMap::default())).collect(),
             per_shard: capacity.div_ceil(SHARDS).max(1),
         }
     }
 
-    fn shard(&self, id: SessionId) -> &Mutex<HashMap<u128, Live>> {
+    fn shard(&self, id: SessionId) -> &Mutex<IdMap> {
         // Session ids are uniformly random: their low bits are a fine hash.
         &self.shards[(id.as_u128() as usize) % SHARDS]
     }
@@ -128,16 +160,16 @@ impl SessionTable {
         let full = shard.len() >= self.per_shard;
         match shard.get_mut(&id.as_u128()) {
             Some(live) => {
-                let mut due = now.saturating_sub(live.written_at) >= WRITE_EVERY_SECS;
+                let mut due = now.saturating_sub(u64::from(live.written_at)) >= WRITE_EVERY_SECS;
                 if !Arc::ptr_eq(&live.backend, backend) {
                     live.backend.sessions_dec();
                     backend.sessions_inc();
                     live.backend = backend.clone();
                     due = true;
                 }
-                live.expires_at = expires_at;
+                live.expires_at = secs32(expires_at);
                 if due {
-                    live.written_at = now;
+                    live.written_at = secs32(now);
                 }
                 due
             }
@@ -147,8 +179,8 @@ impl SessionTable {
                     id.as_u128(),
                     Live {
                         backend: backend.clone(),
-                        expires_at,
-                        written_at: now,
+                        expires_at: secs32(expires_at),
+                        written_at: secs32(now),
                     },
                 );
                 true
@@ -161,7 +193,7 @@ impl SessionTable {
     pub fn expire(&self, now: u64) {
         for s in &self.shards {
             lock(s).retain(|_, live| {
-                let keep = live.expires_at > now;
+                let keep = u64::from(live.expires_at) > now;
                 if !keep {
                     live.backend.sessions_dec();
                 }
