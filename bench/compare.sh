@@ -54,27 +54,25 @@ taskset -c "$LOAD_CPU" target/release/examples/origin 127.0.0.1:$O1 127.0.0.1:$O
 PIDS+=($!)
 
 KEY=$(head -c 32 /dev/urandom | base64)
-cat > "$WORK/tether.toml" <<TOML
-[runtime]
-threads = 1
-[listen]
-http = "127.0.0.1:$T_HTTP"
-https = "127.0.0.1:$T_TLS"
-admin = "127.0.0.1:$T_ADMIN"
+# tether_toml FILE STORE_DB HEAD ID=PORT...: a one-thread tether config with
+# HEAD (its [listen] and [tls]) and one backend per ID=PORT on loopback.
+tether_toml() {
+  local file=$1 db=$2 head=$3; shift 3
+  {
+    printf '[runtime]\nthreads = 1\n%s\n[affinity]\nkeys = ["%s"]\n' "$head" "$KEY"
+    for b in "$@"; do
+      printf '[[backends]]\nid = "%s"\nurl = "http://127.0.0.1:%s"\n' "${b%%=*}" "${b#*=}"
+    done
+    printf '[state]\nstore = "sqlite://%s"\n' "$db"
+  } > "$file"
+}
+tether_toml "$WORK/tether.toml" "$WORK/tether.db" "[listen]
+http = \"127.0.0.1:$T_HTTP\"
+https = \"127.0.0.1:$T_TLS\"
+admin = \"127.0.0.1:$T_ADMIN\"
 [tls]
-cert = "$WORK/cert.pem"
-key = "$WORK/key.pem"
-[affinity]
-keys = ["$KEY"]
-[[backends]]
-id = "o1"
-url = "http://127.0.0.1:$O1"
-[[backends]]
-id = "o2"
-url = "http://127.0.0.1:$O2"
-[state]
-store = "sqlite://$WORK/tether.db"
-TOML
+cert = \"$WORK/cert.pem\"
+key = \"$WORK/key.pem\"" o1=$O1 o2=$O2
 RUST_LOG=warn taskset -c "$PROXY_CPU" target/release/tether --config "$WORK/tether.toml" 2>"$WORK/tether.log" &
 T_PID=$!; PIDS+=($T_PID)
 
@@ -240,23 +238,9 @@ taskset -c "$LOAD_CPU" target/release/tether worker --id w1 --listen 127.0.0.1:$
 W1_PID=$!; PIDS+=($W1_PID)
 taskset -c "$LOAD_CPU" target/release/tether worker --id w2 --listen 127.0.0.1:$W2 2>/dev/null &
 PIDS+=($!)
-cat > "$WORK/restore.toml" <<TOML
-[runtime]
-threads = 1
-[listen]
-http = "127.0.0.1:$R_HTTP"
-admin = "127.0.0.1:$R_ADMIN"
-[affinity]
-keys = ["$KEY"]
-[[backends]]
-id = "w1"
-url = "http://127.0.0.1:$W1"
-[[backends]]
-id = "w2"
-url = "http://127.0.0.1:$W2"
-[state]
-store = "sqlite://$WORK/restore.db"
-TOML
+tether_toml "$WORK/restore.toml" "$WORK/restore.db" "[listen]
+http = \"127.0.0.1:$R_HTTP\"
+admin = \"127.0.0.1:$R_ADMIN\"" w1=$W1 w2=$W2
 RUST_LOG=warn taskset -c "$PROXY_CPU" target/release/tether --config "$WORK/restore.toml" 2>"$WORK/restore.log" &
 PIDS+=($!)
 for _ in $(seq 1 100); do curl -fsS -o /dev/null "http://127.0.0.1:$R_ADMIN/readyz" 2>/dev/null && break; sleep 0.1; done

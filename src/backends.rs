@@ -9,9 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use http::uri::Authority;
+use tokio::time::Instant;
 
 use crate::config::BackendConfig;
 

@@ -313,7 +313,6 @@ impl Proxy {
     }
 }
 
-/// Builds one attempt's request for `route.backend`.
 /// What every attempt's request headers get from the client connection.
 struct Outbound<'a> {
     peer: &'a Peer,
@@ -321,6 +320,7 @@ struct Outbound<'a> {
     cookie: &'a str,
 }
 
+/// Builds one attempt's request for `route.backend`.
 fn upstream_request(
     parts: &http::request::Parts,
     path: &PathAndQuery,

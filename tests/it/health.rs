@@ -37,6 +37,12 @@ async fn wait_state(t: &Tether, id: &str, want: &str) {
     panic!("{id} never became {want}");
 }
 
+/// Waits (on the paused clock) until `at`, then checks `id`'s state.
+async fn state_at(t: &Tether, at: tokio::time::Instant, id: &str, want: &str, why: &str) {
+    tokio::time::sleep_until(at).await;
+    assert_eq!(state_of(t, id).await, want, "{why}");
+}
+
 /// Users pinned per worker: (client, worker id).
 async fn pinned_users(t: &Tether, n: usize) -> Vec<(reqwest::Client, String)> {
     let mut users = Vec::new();
@@ -176,14 +182,22 @@ async fn a_500_never_ejects_but_503s_do_for_a_doubling_cooldown() {
     let ejected = tokio::time::Instant::now();
     assert_eq!(state_of(&t, "a").await, "down", "3 × 503 ejects");
     a.set_status(200);
-    tokio::time::sleep_until(ejected + Duration::from_secs(25)).await;
-    assert_eq!(state_of(&t, "a").await, "down", "still ejected at 25 s");
-    tokio::time::sleep_until(ejected + Duration::from_secs(35)).await;
-    assert_eq!(
-        state_of(&t, "a").await,
+    state_at(
+        &t,
+        ejected + Duration::from_secs(25),
+        "a",
+        "down",
+        "still ejected at 25 s",
+    )
+    .await;
+    state_at(
+        &t,
+        ejected + Duration::from_secs(35),
+        "a",
         "up",
-        "back after the 30 s cooldown"
-    );
+        "back after the 30 s cooldown",
+    )
+    .await;
 
     // Ejected again before a healthy probe streak forgave it: 60 s. Its
     // probes fail too this time, so it needs `rise` good probes at the end.
@@ -196,25 +210,31 @@ async fn a_500_never_ejects_but_503s_do_for_a_doubling_cooldown() {
     }
     let ejected = tokio::time::Instant::now();
     a.set_status(200);
-    tokio::time::sleep_until(ejected + Duration::from_secs(50)).await;
-    assert_eq!(
-        state_of(&t, "a").await,
+    state_at(
+        &t,
+        ejected + Duration::from_secs(50),
+        "a",
         "down",
-        "the second cooldown doubles"
-    );
-    tokio::time::sleep_until(ejected + Duration::from_secs(62)).await;
-    assert_eq!(
-        state_of(&t, "a").await,
+        "the second cooldown doubles",
+    )
+    .await;
+    state_at(
+        &t,
+        ejected + Duration::from_secs(62),
+        "a",
         "down",
-        "past the cooldown, failing probes keep it down"
-    );
+        "past the cooldown, failing probes keep it down",
+    )
+    .await;
     a.set_health(200);
-    tokio::time::sleep_until(ejected + Duration::from_secs(68)).await;
-    assert_eq!(
-        state_of(&t, "a").await,
+    state_at(
+        &t,
+        ejected + Duration::from_secs(68),
+        "a",
         "up",
-        "back after `rise` good probes"
-    );
+        "back after `rise` good probes",
+    )
+    .await;
     let m = metrics(&t).await;
     assert_eq!(
         sample(&m, "tether_ejections_total", &[("backend", "a")]),
