@@ -3,6 +3,7 @@
 //! orchestrator probes them); the rest needs `admin.token` when it is set.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
@@ -15,12 +16,28 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::Proxy;
+use crate::backends::WorkerSet;
+use crate::continuity::Continuity;
+use crate::live::SharedLive;
+use crate::metrics::Metrics;
 
 type AdminResponse = Response<Full<Bytes>>;
 
+/// What the admin API reads and controls.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// The config generation (the admin token).
+    pub live: SharedLive,
+    /// The workers (state, drain).
+    pub workers: WorkerSet,
+    /// The store's state and capture gauges.
+    pub continuity: Continuity,
+    /// The metrics to render.
+    pub metrics: Arc<Metrics>,
+}
+
 /// Serves the admin API until `cancel`.
-pub async fn serve(listener: TcpListener, proxy: Proxy, cancel: CancellationToken) {
+pub async fn serve(listener: TcpListener, proxy: Admin, cancel: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -55,7 +72,7 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, cancel: CancellationToke
     }
 }
 
-fn route(proxy: &Proxy, req: Request<Incoming>) -> AdminResponse {
+fn route(proxy: &Admin, req: Request<Incoming>) -> AdminResponse {
     let path = req.uri().path().trim_end_matches('/');
     let method = req.method();
     match (method, path) {
@@ -68,11 +85,8 @@ fn route(proxy: &Proxy, req: Request<Incoming>) -> AdminResponse {
             r
         }
         (&Method::GET, "/metrics") => {
-            let live = proxy.shared.live.load();
-            let body = proxy
-                .shared
-                .metrics
-                .render(&live.backends, proxy.shared.capture.len());
+            let workers = proxy.workers.load();
+            let body = proxy.metrics.render(&workers, proxy.continuity.gauges());
             let mut r = Response::new(Full::new(Bytes::from(body)));
             r.headers_mut().insert(
                 CONTENT_TYPE,
@@ -88,8 +102,8 @@ fn route(proxy: &Proxy, req: Request<Incoming>) -> AdminResponse {
     }
 }
 
-fn authorized(proxy: &Proxy, req: &Request<Incoming>) -> bool {
-    let live = proxy.shared.live.load();
+fn authorized(proxy: &Admin, req: &Request<Incoming>) -> bool {
+    let live = proxy.live.load();
     let Some(token) = &live.config.admin.token else {
         return true;
     };
@@ -109,25 +123,29 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn readyz(proxy: &Proxy) -> AdminResponse {
-    let live = proxy.shared.live.load();
-    let up = live.backends.usable_count();
+fn readyz(proxy: &Admin) -> AdminResponse {
+    let workers = proxy.workers.load();
+    let up = workers.usable_count();
     let mut reasons = Vec::new();
     if up == 0 {
         reasons.push("no worker is up".to_owned());
     }
     let ready = reasons.is_empty();
     // A store outage is reported, not made fatal: pinned users are served.
-    let store = match proxy.shared.store.get() {
-        Some(s) => json!({"kind": s.kind(), "state": "connected"}),
-        None => json!({"state": "unavailable"}),
-    };
+    let c = &proxy.continuity;
+    let gauges = c.gauges();
+    let store = json!({
+        "kind": c.store_kind(),
+        "state": c.store_state().as_str(),
+        "buffered": gauges.buffered,
+        "buffered_bytes": gauges.buffered_bytes,
+    });
     let body = json!({
         "store": store,
         "ready": ready,
         "reasons": reasons,
         "workers_up": up,
-        "workers": live.backends.all().len(),
+        "workers": workers.all().len(),
     });
     let status = if ready {
         StatusCode::OK
@@ -137,10 +155,9 @@ fn readyz(proxy: &Proxy) -> AdminResponse {
     json_response(status, &body)
 }
 
-fn backends(proxy: &Proxy) -> AdminResponse {
-    let live = proxy.shared.live.load();
-    let list: Vec<_> = live
-        .backends
+fn backends(proxy: &Admin) -> AdminResponse {
+    let workers = proxy.workers.load();
+    let list: Vec<_> = workers
         .all()
         .iter()
         .map(|b| {
@@ -157,7 +174,7 @@ fn backends(proxy: &Proxy) -> AdminResponse {
     json_response(StatusCode::OK, &json!(list))
 }
 
-fn drain(proxy: &Proxy, path: &str) -> AdminResponse {
+fn drain(proxy: &Admin, path: &str) -> AdminResponse {
     let rest = path.trim_start_matches("/backends/");
     let (id, on) = if let Some(id) = rest.strip_suffix("/drain") {
         (id, true)
@@ -166,8 +183,8 @@ fn drain(proxy: &Proxy, path: &str) -> AdminResponse {
     } else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
-    let live = proxy.shared.live.load();
-    let Some(b) = live.backends.get(id) else {
+    let workers = proxy.workers.load();
+    let Some(b) = workers.get(id) else {
         return json_response(
             StatusCode::NOT_FOUND,
             &json!({"error": format!("no backend with id {id:?}")}),

@@ -7,9 +7,10 @@ use std::net::SocketAddr;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::backends::WorkerSet;
 use crate::config::BackendConfig;
 use crate::health::Health;
-use crate::proxy::Proxy;
+use crate::live::SharedLive;
 
 /// The backends for `addrs`, sorted so an unchanged answer is unchanged.
 pub fn backends_for(addrs: &BTreeSet<SocketAddr>) -> Vec<BackendConfig> {
@@ -27,11 +28,10 @@ pub fn backends_for(addrs: &BTreeSet<SocketAddr>) -> Vec<BackendConfig> {
 }
 
 /// Runs until `cancel`, swapping the worker set when the answer changes.
-pub async fn run(proxy: Proxy, health: Health, cancel: CancellationToken) {
+pub async fn run(workers: WorkerSet, live: SharedLive, health: Health, cancel: CancellationToken) {
     let mut last: Option<BTreeSet<SocketAddr>> = None;
     loop {
-        let live = proxy.shared.live.load_full();
-        let Some(d) = live.config.discovery.clone() else {
+        let Some(d) = live.load().config.discovery.clone() else {
             return;
         };
         let name = format!("{}:{}", d.dns, d.port);
@@ -40,7 +40,7 @@ pub async fn run(proxy: Proxy, health: Health, cancel: CancellationToken) {
                 let addrs: BTreeSet<SocketAddr> = found.collect();
                 if last.as_ref() != Some(&addrs) {
                     tracing::info!(dns = %d.dns, workers = addrs.len(), "discovery: worker set changed");
-                    proxy.set_discovered(backends_for(&addrs));
+                    workers.set_discovered(backends_for(&addrs));
                     health.sync();
                     last = Some(addrs);
                 }

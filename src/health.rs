@@ -6,18 +6,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{Request, StatusCode, Uri};
-use http_body_util::Empty;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
-use crate::backends::Backend;
-use crate::metrics::ProbeLabels;
-use crate::proxy::headers::TETHER_INSTANCE;
-use crate::proxy::Proxy;
+use crate::backends::{Backend, WorkerSet};
+use crate::live::SharedLive;
+use crate::metrics::Metrics;
+use crate::upstream::Upstream;
 
 #[cfg(test)]
 mod tests;
@@ -70,25 +65,30 @@ impl Counter {
 /// The probe tasks, kept in step with the worker set.
 #[derive(Debug, Clone)]
 pub struct Health {
-    proxy: Proxy,
+    workers: WorkerSet,
+    live: SharedLive,
+    upstream: Upstream,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
     tasks: Arc<Mutex<HashMap<usize, CancellationToken>>>,
-    client: Client<HttpConnector, Empty<bytes::Bytes>>,
 }
 
 impl Health {
-    /// Starts a probe task for every configured worker.
-    pub fn start(proxy: Proxy, cancel: CancellationToken) -> Health {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(1)
-            .build(connector);
+    /// Starts a probe task for every worker.
+    pub fn start(
+        workers: WorkerSet,
+        live: SharedLive,
+        upstream: Upstream,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> Health {
         let h = Health {
-            proxy,
+            workers,
+            live,
+            upstream,
+            metrics,
             cancel,
             tasks: Arc::new(Mutex::new(HashMap::new())),
-            client,
         };
         h.sync();
         h
@@ -96,10 +96,9 @@ impl Health {
 
     /// Starts tasks for new workers and stops those of removed ones.
     pub fn sync(&self) {
-        let live = self.proxy.shared.live.load_full();
+        let set = self.workers.snapshot();
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        let current: HashMap<usize, Arc<Backend>> = live
-            .backends
+        let current: HashMap<usize, Arc<Backend>> = set
             .all()
             .iter()
             .map(|b| (Arc::as_ptr(b) as usize, b.clone()))
@@ -124,8 +123,9 @@ impl Health {
     async fn probe_loop(self, backend: Arc<Backend>, token: CancellationToken) {
         let mut counter = Counter::new(backend.probe_up());
         loop {
-            let live = self.proxy.shared.live.load_full();
+            let live = self.live.load_full();
             let cfg = live.config.health.clone();
+            let settings = crate::upstream::Settings::of(&live);
             drop(live);
             // ±10 % jitter so probes of many replicas do not line up.
             let jitter = rand::thread_rng().gen_range(0.9..1.1);
@@ -134,16 +134,10 @@ impl Health {
                 _ = token.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
-            let ok = self.probe(&backend, &cfg.path, cfg.timeout).await;
-            self.proxy
-                .shared
-                .metrics
-                .probes
-                .get_or_create(&ProbeLabels {
-                    backend: backend.id.clone(),
-                    result: if ok { "ok" } else { "fail" },
-                })
-                .inc();
+            let ok = self
+                .probe(&backend, &settings, &cfg.path, cfg.timeout)
+                .await;
+            self.metrics.probe(&backend.id, ok);
             // Passive marks (refused connections) move the state too.
             if counter.is_up() != backend.probe_up() {
                 counter = Counter::new(backend.probe_up());
@@ -163,32 +157,30 @@ impl Health {
         }
     }
 
-    async fn probe(&self, backend: &Backend, path: &str, timeout: Duration) -> bool {
-        let uri = match Uri::builder()
-            .scheme("http")
-            .authority(backend.authority.clone())
-            .path_and_query(path)
-            .build()
-        {
-            Ok(u) => u,
-            Err(_) => return false,
-        };
-        let req = match Request::get(uri).body(Empty::new()) {
-            Ok(r) => r,
-            Err(_) => return false,
-        };
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) => {
-                if let Some(seen) = resp
-                    .headers()
-                    .get(TETHER_INSTANCE)
-                    .and_then(|v| v.to_str().ok())
-                {
+    /// One probe on a fresh connection; a 2xx answer is healthy. The
+    /// answer's `Tether-Instance` tells a restart.
+    async fn probe(
+        &self,
+        backend: &Backend,
+        settings: &crate::upstream::Settings,
+        path: &str,
+        timeout: Duration,
+    ) -> bool {
+        let answer = tokio::time::timeout(
+            timeout,
+            self.upstream
+                .probe(&backend.endpoint, settings, path, timeout),
+        )
+        .await;
+        match answer {
+            Ok(Ok((status, instance))) => {
+                if let Some(seen) = instance.as_deref() {
                     if let Some(old) = backend.observe_instance(seen) {
-                        self.proxy.instance_changed(backend, &old, seen);
+                        tracing::info!(backend = %backend.id, old, new = seen, "worker instance changed");
+                        self.metrics.instance_change(&backend.id);
                     }
                 }
-                resp.status() == StatusCode::OK || resp.status().is_success()
+                status.is_success()
             }
             Ok(Err(_)) | Err(_) => false,
         }

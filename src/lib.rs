@@ -6,29 +6,41 @@
 //! client ──TLS/TCP──▶ server (accept, TLS, hyper-util auto h1+h2)
 //!    ──▶ proxy::screen   reserved prefix, smuggling checks, body limit
 //!    ──▶ proxy::route    affinity cookie / request key ──▶ decision table
-//!                        keep │ new (balancer) │ move (rendezvous on session)
-//!    ──▶ proxy::forward  pooled client, streaming, safe retries elsewhere
-//!    ◀── response        hop-by-hop stripped, Set-Cookie on (re)pin
+//!                        keep │ new (balancer) │ move
+//!    ──▶ restore         the move: pending captures, fenced re-pin (CAS),
+//!                        restore every stored thread, announce
+//!    ──▶ proxy::forward  upstream connection verified to reach the pinned
+//!                        process; classified failures, safe retries
+//!    ◀── response        hop-by-hop stripped, Set-Cookie on (re)pin,
+//!                        Tether-Checkpoint ──▶ continuity (capture)
 //! ```
 //!
-//! Modules, one per concern: [`config`] (TOML → validated `Config`),
+//! One module per concern: [`config`] (TOML → validated `Config`),
 //! [`server`] (listeners, TLS, accept loop, shutdown), [`proxy`] (the
-//! request phases), [`affinity`] (cookie codec, pins), [`balancer`],
-//! [`backends`] (worker set and state), [`health`] (probes), [`admin`],
-//! [`metrics`], [`demo`] (local demo workers).
+//! request phases), [`affinity`] (cookie codec, pins, live sessions),
+//! [`balancer`], [`backends`] (the workers and their state), `health`
+//! (probes), `upstream` (verified, pooled worker connections), `restore`
+//! (the move), `continuity` (capture, the store link, the outage buffer),
+//! `store` (SQL), `admin`, `metrics`, [`worker`] (the reference worker),
+//! [`demo`].
 
-pub mod admin;
 pub mod affinity;
 pub mod backends;
 pub mod balancer;
 pub mod clock;
 pub mod config;
-pub mod continuity;
 pub mod demo;
-pub mod discovery;
-pub mod health;
-pub mod metrics;
 pub mod proxy;
 pub mod server;
-pub mod store;
 pub mod worker;
+
+pub(crate) mod admin;
+pub(crate) mod continuity;
+pub(crate) mod discovery;
+pub(crate) mod health;
+pub(crate) mod live;
+pub(crate) mod metrics;
+pub(crate) mod restore;
+pub(crate) mod store;
+pub(crate) mod upstream;
+pub(crate) mod wire;

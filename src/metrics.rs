@@ -1,5 +1,7 @@
-//! Prometheus metrics (prometheus-client): the registry and every family
-//! tether exports. Per-worker gauges are filled in at scrape time.
+//! Prometheus metrics (prometheus-client). The families are private; the
+//! rest of tether records through named methods (`metrics.repin(reason)`),
+//! so every metric is defined, registered and labelled in this one file.
+//! Per-worker gauges and the store's state are filled in at scrape time.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -10,86 +12,73 @@ use prometheus_client::registry::Registry;
 
 use crate::backends::{Backend, BackendSet};
 
-/// Labels: status class and worker.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    /// `2xx`, `3xx`, `4xx`, `5xx` (or `1xx`).
-    pub class: &'static str,
-    /// Backend id, or `none` when no worker was chosen.
-    pub backend: String,
+struct RequestLabels {
+    class: &'static str,
+    backend: String,
 }
 
-/// Label: one worker.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BackendLabel {
-    /// Backend id.
-    pub backend: String,
+struct BackendLabel {
+    backend: String,
 }
 
-/// Label: a reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
-    /// Stable reason label.
-    pub reason: &'static str,
+struct ReasonLabel {
+    reason: &'static str,
 }
 
-/// Label: an outcome (of a restore).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
-    /// Stable outcome label.
-    pub outcome: &'static str,
+struct OutcomeLabel {
+    outcome: &'static str,
 }
 
-/// Labels: a probe's worker and result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ProbeLabels {
-    /// Backend id.
-    pub backend: String,
-    /// `ok` or `fail`.
-    pub result: &'static str,
+struct ProbeLabels {
+    backend: String,
+    result: &'static str,
+}
+
+/// What the scrape reads from the continuity side.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ContinuityGauges {
+    /// Threads with a capture waiting or running.
+    pub capture_queue: usize,
+    /// Whether the store answered its last operation.
+    pub store_up: bool,
+    /// Captures held in memory while the store is down.
+    pub buffered: usize,
+    /// Their size in bytes.
+    pub buffered_bytes: usize,
 }
 
 /// Every metric family.
 pub struct Metrics {
     registry: Registry,
-    /// Requests by status class and worker.
-    pub requests: Family<RequestLabels, Counter>,
-    /// Time to response head.
-    pub latency: Histogram,
-    /// Re-pins by reason.
-    pub repins: Family<ReasonLabel, Counter>,
-    /// Rejected affinity cookies by reason.
-    pub cookie_rejects: Family<ReasonLabel, Counter>,
-    /// Retries of a request on another worker.
-    pub retries: Counter,
-    /// Active probe results.
-    pub probes: Family<ProbeLabels, Counter>,
-    /// Passive ejections.
-    pub ejections: Family<BackendLabel, Counter>,
-    /// `Tether-Instance` changes (worker restarted with empty memory).
-    pub instance_changes: Family<BackendLabel, Counter>,
-    /// Worker state: 1 up, 0 not (scrape time).
-    pub backend_up: Family<BackendLabel, Gauge>,
-    /// Live pinned sessions per worker (scrape time).
-    pub backend_sessions: Family<BackendLabel, Gauge>,
-    /// Restores by outcome (`ok`, `failed`, `followed`).
-    pub restores: Family<OutcomeLabel, Counter>,
-    /// Restore duration.
-    pub restore_duration: Histogram,
-    /// Capture pulls by result.
-    pub captures: Family<ReasonLabel, Counter>,
-    /// Entries appended to the store by capture.
-    pub captured_entries: Counter,
-    /// Capture hints dropped because the queue was full.
-    pub capture_dropped: Counter,
-    /// Capture hints waiting (scrape time).
-    pub capture_queue: Gauge,
-    /// Session writes dropped (queue full or store down).
-    pub store_writes_dropped: Counter,
-    /// Client connections open now.
-    pub connections: Gauge,
-    /// Client connections refused at `limits.max_connections`.
-    pub connections_refused: Counter,
+    requests: Family<RequestLabels, Counter>,
+    latency: Histogram,
+    repins: Family<ReasonLabel, Counter>,
+    cookie_rejects: Family<ReasonLabel, Counter>,
+    retries: Counter,
+    probes: Family<ProbeLabels, Counter>,
+    ejections: Family<BackendLabel, Counter>,
+    instance_changes: Family<BackendLabel, Counter>,
+    backend_up: Family<BackendLabel, Gauge>,
+    backend_sessions: Family<BackendLabel, Gauge>,
+    restores: Family<OutcomeLabel, Counter>,
+    restore_duration: Histogram,
+    captures: Family<ReasonLabel, Counter>,
+    captured_entries: Counter,
+    capture_dropped: Counter,
+    capture_fenced: Counter,
+    capture_queue: Gauge,
+    buffer_dropped: Counter,
+    buffered: Gauge,
+    buffered_bytes: Gauge,
+    store_up: Gauge,
+    store_writes_dropped: Counter,
+    connections: Gauge,
+    connections_refused: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -102,6 +91,13 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Registers a family under `name` with `help`, returning the struct field.
+macro_rules! register {
+    ($reg:expr, $m:expr, $($name:literal, $help:literal => $field:ident),* $(,)?) => {
+        $( $reg.register($name, $help, $m.$field.clone()); )*
+    };
 }
 
 impl Metrics {
@@ -124,106 +120,54 @@ impl Metrics {
             captures: Family::default(),
             captured_entries: Counter::default(),
             capture_dropped: Counter::default(),
+            capture_fenced: Counter::default(),
             capture_queue: Gauge::default(),
+            buffer_dropped: Counter::default(),
+            buffered: Gauge::default(),
+            buffered_bytes: Gauge::default(),
+            store_up: Gauge::default(),
             store_writes_dropped: Counter::default(),
             connections: Gauge::default(),
             connections_refused: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "requests",
-            "Proxied requests by status class and worker",
-            m.requests.clone(),
-        );
-        registry.register(
-            "request_duration_seconds",
-            "Time from request to response head",
-            m.latency.clone(),
-        );
-        registry.register(
-            "repins",
-            "Sessions moved to another worker, by reason",
-            m.repins.clone(),
-        );
-        registry.register(
-            "cookie_rejects",
-            "Affinity cookies treated as absent, by reason",
-            m.cookie_rejects.clone(),
-        );
-        registry.register(
-            "retries",
-            "Requests retried on another worker",
-            m.retries.clone(),
-        );
-        registry.register(
-            "probes",
-            "Active health probes by worker and result",
-            m.probes.clone(),
-        );
-        registry.register(
-            "ejections",
-            "Passive ejections by worker",
-            m.ejections.clone(),
-        );
-        registry.register(
-            "instance_changes",
-            "Worker restarts seen through Tether-Instance",
-            m.instance_changes.clone(),
-        );
-        registry.register(
-            "backend_up",
-            "1 when the worker is usable",
-            m.backend_up.clone(),
-        );
-        registry.register(
-            "backend_sessions",
-            "Live sessions pinned to the worker",
-            m.backend_sessions.clone(),
-        );
-        registry.register("restores", "Thread restores by outcome", m.restores.clone());
-        registry.register(
-            "restore_duration_seconds",
-            "Time to restore a session's threads into a worker",
-            m.restore_duration.clone(),
-        );
-        registry.register("captures", "Capture pulls by result", m.captures.clone());
-        registry.register(
-            "captured_entries",
-            "Thread entries stored by capture",
-            m.captured_entries.clone(),
-        );
-        registry.register(
-            "capture_dropped",
-            "Capture hints dropped: queue full",
-            m.capture_dropped.clone(),
-        );
-        registry.register(
-            "capture_queue",
-            "Capture hints waiting",
-            m.capture_queue.clone(),
-        );
-        registry.register(
-            "store_writes_dropped",
-            "Session writes dropped: queue full or store down",
-            m.store_writes_dropped.clone(),
-        );
-        registry.register(
-            "connections",
-            "Open client connections",
-            m.connections.clone(),
-        );
-        registry.register(
-            "connections_refused",
-            "Client connections refused at limits.max_connections",
-            m.connections_refused.clone(),
+        register!(registry, m,
+            "requests", "Proxied requests by status class and worker" => requests,
+            "request_duration_seconds", "Time from request to response head" => latency,
+            "repins", "Sessions moved to another worker, by reason" => repins,
+            "cookie_rejects", "Affinity cookies treated as absent, by reason" => cookie_rejects,
+            "retries", "Requests sent again, on a fresh connection or another worker" => retries,
+            "probes", "Active health probes by worker and result" => probes,
+            "ejections", "Passive ejections by worker" => ejections,
+            "instance_changes", "Worker restarts seen through Tether-Instance" => instance_changes,
+            "backend_up", "1 when the worker is usable" => backend_up,
+            "backend_sessions", "Live sessions pinned to the worker" => backend_sessions,
+            "restores", "Session moves by outcome (ok, followed, partial, failed)" => restores,
+            "restore_duration_seconds", "Time to move a session: pending captures, re-pin, restore" => restore_duration,
+            "captures", "Capture pulls by result" => captures,
+            "captured_entries", "Thread entries stored by capture" => captured_entries,
+            "capture_dropped", "Capture hints dropped: queue full" => capture_dropped,
+            "capture_fenced", "Capture writes refused: the session had moved on (older pin epoch)" => capture_fenced,
+            "capture_queue", "Threads with a capture waiting or running" => capture_queue,
+            "capture_buffer_dropped", "Captures dropped: the store was down and the buffer full" => buffer_dropped,
+            "capture_buffered", "Captures held in memory while the store is down" => buffered,
+            "capture_buffered_bytes", "Bytes of captures held in memory while the store is down" => buffered_bytes,
+            "store_up", "1 when the store answered its last operation, 0 when degraded" => store_up,
+            "store_writes_dropped", "Session writes dropped: queue full or store down" => store_writes_dropped,
+            "connections", "Open client connections" => connections,
+            "connections_refused", "Client connections refused at limits.max_connections" => connections_refused,
         );
         Metrics { registry, ..m }
     }
 
-    /// Renders the Prometheus text format, refreshing per-worker gauges.
-    pub fn render(&self, set: &BackendSet, capture_queue: usize) -> String {
-        self.capture_queue
-            .set(i64::try_from(capture_queue).unwrap_or(i64::MAX));
+    /// Renders the Prometheus text format, refreshing the scrape-time
+    /// gauges.
+    pub fn render(&self, set: &BackendSet, c: ContinuityGauges) -> String {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.capture_queue.set(n(c.capture_queue));
+        self.buffered.set(n(c.buffered));
+        self.buffered_bytes.set(n(c.buffered_bytes));
+        self.store_up.set(i64::from(c.store_up));
         self.backend_up.clear();
         self.backend_sessions.clear();
         for b in set.all() {
@@ -243,14 +187,14 @@ impl Metrics {
         }
         out
     }
-}
 
-const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+    // === recorders ===
 
-impl Metrics {
-    /// Counts one request. A worker's five counters are looked up once and
-    /// kept on the worker: no label allocation or map lookup per request.
-    pub fn count_request(&self, status: http::StatusCode, backend: Option<&Backend>) {
+    /// Counts one request and its latency. A worker's five counters are
+    /// looked up once and kept on the worker: no label allocation or map
+    /// lookup per request.
+    pub fn request(&self, status: http::StatusCode, backend: Option<&Backend>, secs: f64) {
+        self.latency.observe(secs);
         let i = match status.as_u16() {
             100..=199 => 0,
             200..=299 => 1,
@@ -279,15 +223,101 @@ impl Metrics {
                 .inc(),
         };
     }
-}
 
-/// The status class label of a status code.
-pub fn class(status: http::StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+    /// A session moved to another worker (or restarted in place).
+    pub fn repin(&self, reason: &'static str) {
+        self.repins.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// An affinity cookie treated as absent.
+    pub fn cookie_reject(&self, reason: &'static str) {
+        self.cookie_rejects
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// A request sent again.
+    pub fn retry(&self) {
+        self.retries.inc();
+    }
+
+    /// One active probe.
+    pub fn probe(&self, backend: &str, ok: bool) {
+        self.probes
+            .get_or_create(&ProbeLabels {
+                backend: backend.to_owned(),
+                result: if ok { "ok" } else { "fail" },
+            })
+            .inc();
+    }
+
+    /// A passive ejection.
+    pub fn ejection(&self, backend: &str) {
+        self.ejections
+            .get_or_create(&BackendLabel {
+                backend: backend.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A worker restart seen through `Tether-Instance`.
+    pub fn instance_change(&self, backend: &str) {
+        self.instance_changes
+            .get_or_create(&BackendLabel {
+                backend: backend.to_owned(),
+            })
+            .inc();
+    }
+
+    /// One session move and how long it took.
+    pub fn restore(&self, outcome: &'static str, secs: f64) {
+        self.restore_duration.observe(secs);
+        self.restores.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// One capture pull, by result (`ok`, `error`, `buffered`, `lost`).
+    pub fn capture(&self, reason: &'static str) {
+        self.captures.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Entries newly stored by capture.
+    pub fn captured_entries(&self, n: u64) {
+        self.captured_entries.inc_by(n);
+    }
+
+    /// A capture hint dropped from a full queue.
+    pub fn capture_dropped(&self) {
+        self.capture_dropped.inc();
+    }
+
+    /// A capture write refused by the fence.
+    pub fn capture_fenced(&self) {
+        self.capture_fenced.inc();
+    }
+
+    /// A capture lost because the store was down and the buffer full.
+    pub fn buffer_dropped(&self) {
+        self.buffer_dropped.inc();
+    }
+
+    /// Session writes dropped.
+    pub fn store_writes_dropped(&self, n: u64) {
+        self.store_writes_dropped.inc_by(n);
+    }
+
+    /// A client connection opened (`true`) or closed (`false`).
+    pub fn connection(&self, open: bool) {
+        if open {
+            self.connections.inc();
+        } else {
+            self.connections.dec();
+        }
+    }
+
+    /// A client connection refused at `limits.max_connections`.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 }
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];

@@ -33,6 +33,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::wire::{TETHER_CHECKPOINT, TETHER_INSTANCE, TETHER_SESSION};
+
 /// Largest request body the worker reads.
 const MAX_BODY: usize = 16 * 1024 * 1024;
 /// Changes remembered for the feed.
@@ -168,7 +170,7 @@ impl RefWorker {
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let mut resp = self.route(req).await;
         if let Ok(v) = HeaderValue::from_str(&self.instance) {
-            resp.headers_mut().insert("tether-instance", v);
+            resp.headers_mut().insert(TETHER_INSTANCE, v);
         }
         resp
     }
@@ -176,7 +178,7 @@ impl RefWorker {
     async fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_owned();
         let q = query(req.uri().query());
-        let session = header(&req, "tether-session").unwrap_or_default();
+        let session = header(&req, TETHER_SESSION.as_str()).unwrap_or_default();
         if req.method() == Method::DELETE {
             self.mem().stats.deletes += 1;
             return reply(
@@ -267,7 +269,7 @@ impl RefWorker {
         );
         if !later {
             if let Ok(v) = HeaderValue::from_str(&format!("{thread};seq={seq}")) {
-                resp.headers_mut().insert("tether-checkpoint", v);
+                resp.headers_mut().insert(TETHER_CHECKPOINT, v);
             }
         }
         resp

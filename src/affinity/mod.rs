@@ -7,6 +7,7 @@
 pub mod codec;
 pub mod cookies;
 pub mod pins;
+pub mod sessions;
 
 #[cfg(test)]
 mod tests;

@@ -1,19 +1,17 @@
-//! Bounded in-memory tables: request-key pins, and the live sessions per
-//! worker that the least-sessions policy balances on.
+//! The bounded request-key pin table (`affinity.key = ["header:…"]`).
 //!
-//! Both are sharded so that the hot path takes one short, uncontended lock;
-//! no lock is ever held across an `.await`.
+//! Sharded so that the hot path takes one short, uncontended lock; no lock
+//! is ever held across an `.await`.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
-use super::{Pin, SessionId};
-use crate::backends::Backend;
+use super::Pin;
 
-const SHARDS: usize = 64;
+pub(super) const SHARDS: usize = 64;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a shard lock cannot leave a map half-updated in
     // a way that matters here (single inserts/removes); keep serving.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -78,137 +76,5 @@ impl PinTable {
         for s in &self.shards {
             lock(s).retain(|_, p| alive(p));
         }
-    }
-}
-
-/// 32 bytes with its key: unix seconds fit in `u32` until 2106 (and
-/// saturate after), which keeps 100k sessions near 3 MiB.
-struct Live {
-    backend: Arc<Backend>,
-    expires_at: u32,
-    written_at: u32,
-}
-
-const _: () = assert!(std::mem::size_of::<(u128, Live)>() == 32);
-
-fn secs32(t: u64) -> u32 {
-    u32::try_from(t).unwrap_or(u32::MAX)
-}
-
-/// Session ids are uniformly random: their high half is already a good
-/// hash (the low bits pick the shard), so no SipHash per request.
-#[derive(Default, Clone, Copy)]
-struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only reached for non-u128 keys, which this table does not use.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u128(&mut self, n: u128) {
-        self.0 = (n >> 64) as u64;
-    }
-}
-
-type IdMap = HashMap<u128, Live, std::hash::BuildHasherDefault<IdHasher>>;
-
-/// How often a kept session's last-seen is written to the store.
-const WRITE_EVERY_SECS: u64 = 60;
-
-/// Live sessions and the worker each is pinned to, so every worker knows
-/// how many sessions it holds. Bounded: past the capacity new sessions are
-/// not tracked (counts become approximate, routing is unaffected).
-pub struct SessionTable {
-    shards: Vec<Mutex<IdMap>>,
-    per_shard: usize,
-}
-
-impl std::fmt::Debug for SessionTable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionTable")
-            .field("len", &self.len())
-            .finish()
-    }
-}
-
-impl SessionTable {
-    /// A table tracking at most about `capacity` sessions.
-    pub fn new(capacity: usize) -> SessionTable {
-        SessionTable {
-            shards: (0..SHARDS).map(|_| Mutex::new(IdMap::default())).collect(),
-            per_shard: capacity.div_ceil(SHARDS).max(1),
-        }
-    }
-
-    fn shard(&self, id: SessionId) -> &Mutex<IdMap> {
-        // Session ids are uniformly random: their low bits are a fine hash.
-        &self.shards[(id.as_u128() as usize) % SHARDS]
-    }
-
-    /// Records that `id` is pinned to `backend` until `expires_at`.
-    /// Returns whether the session is due to be written to the store (new,
-    /// moved, or last written long ago).
-    pub fn touch(&self, id: SessionId, backend: &Arc<Backend>, expires_at: u64, now: u64) -> bool {
-        let mut shard = lock(self.shard(id));
-        let full = shard.len() >= self.per_shard;
-        match shard.get_mut(&id.as_u128()) {
-            Some(live) => {
-                let mut due = now.saturating_sub(u64::from(live.written_at)) >= WRITE_EVERY_SECS;
-                if !Arc::ptr_eq(&live.backend, backend) {
-                    live.backend.sessions_dec();
-                    backend.sessions_inc();
-                    live.backend = backend.clone();
-                    due = true;
-                }
-                live.expires_at = secs32(expires_at);
-                if due {
-                    live.written_at = secs32(now);
-                }
-                due
-            }
-            None if !full => {
-                backend.sessions_inc();
-                shard.insert(
-                    id.as_u128(),
-                    Live {
-                        backend: backend.clone(),
-                        expires_at: secs32(expires_at),
-                        written_at: secs32(now),
-                    },
-                );
-                true
-            }
-            None => true,
-        }
-    }
-
-    /// Forgets sessions that expired before `now`.
-    pub fn expire(&self, now: u64) {
-        for s in &self.shards {
-            lock(s).retain(|_, live| {
-                let keep = u64::from(live.expires_at) > now;
-                if !keep {
-                    live.backend.sessions_dec();
-                }
-                keep
-            });
-        }
-    }
-
-    /// Number of tracked sessions.
-    pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).len()).sum()
-    }
-
-    /// Whether no session is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }

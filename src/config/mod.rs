@@ -326,6 +326,13 @@ pub struct State {
     pub queue: usize,
     /// Largest thread export read from a worker (default 64 MiB).
     pub max_export_bytes: usize,
+    /// How long a move waits for a lost worker to hand over acknowledged
+    /// turns the store lacks, before restoring without them (marked
+    /// `Tether-Restore: partial`); default 30 s.
+    pub partial_after: Duration,
+    /// Captures held in memory while the store is unreachable, in bytes
+    /// (default 32 MiB); 0 turns the buffer off.
+    pub buffer_bytes: usize,
 }
 
 /// `[limits]`
@@ -353,6 +360,9 @@ pub struct Limits {
     /// Live sessions and request-key pins held in memory (default
     /// 1000000; read at start).
     pub max_sessions: usize,
+    /// Deadline for a worker's response head after the request was sent
+    /// (default 60 s); past it the client gets `504`.
+    pub response_timeout: Duration,
 }
 
 /// `[shutdown]`

@@ -316,6 +316,11 @@ pub struct RawState {
     pub queue: i64,
     /// `max_export_bytes`: largest thread export read from a worker.
     pub max_export_bytes: i64,
+    /// `partial_after`: how long a move waits for acknowledged turns the
+    /// store lacks before it restores without them.
+    pub partial_after: String,
+    /// `buffer_bytes`: captures held in memory while the store is down.
+    pub buffer_bytes: i64,
 }
 
 impl Default for RawState {
@@ -329,6 +334,8 @@ impl Default for RawState {
             retention: "7d".into(),
             queue: 10_000,
             max_export_bytes: 64 << 20,
+            partial_after: "30s".into(),
+            buffer_bytes: 32 << 20,
         }
     }
 }
@@ -357,6 +364,8 @@ pub struct RawLimits {
     pub max_attempts: i64,
     /// `max_sessions`: sessions and pins held in memory.
     pub max_sessions: i64,
+    /// `response_timeout`: deadline for a worker's response head.
+    pub response_timeout: String,
 }
 
 impl Default for RawLimits {
@@ -372,6 +381,7 @@ impl Default for RawLimits {
             retry_body_bytes: 65_536,
             max_attempts: 3,
             max_sessions: 1_000_000,
+            response_timeout: "60s".into(),
         }
     }
 }

@@ -264,6 +264,8 @@ fn state(s: &RawState) -> R<State> {
         retention: dur("state.retention", &s.retention)?,
         queue: int("state.queue", s.queue, 1, 10_000_000)?,
         max_export_bytes: int("state.max_export_bytes", s.max_export_bytes, 1024, 1 << 32)?,
+        partial_after: dur("state.partial_after", &s.partial_after)?,
+        buffer_bytes: int("state.buffer_bytes", s.buffer_bytes, 0, 1 << 34)?,
     })
 }
 
@@ -281,6 +283,7 @@ fn limits(l: &RawLimits) -> R<Limits> {
         retry_body_bytes: int("limits.retry_body_bytes", l.retry_body_bytes, 0, 1 << 26)?,
         max_attempts: int("limits.max_attempts", l.max_attempts, 1, 10)?,
         max_sessions: int("limits.max_sessions", l.max_sessions, 1, 100_000_000)?,
+        response_timeout: dur_pos("limits.response_timeout", &l.response_timeout)?,
     })
 }
 

@@ -1,51 +1,116 @@
-//! The capture queue: checkpoint hints and change-feed entries, coalesced
-//! per (session, thread, worker), bounded (a full queue drops the oldest
-//! hint and counts it), drained by background tasks that pull the new
-//! entries from the worker into the store.
+//! The capture ledger: for every (session, thread) a worker announced
+//! (`Tether-Checkpoint` on a response, or its change feed), the highest seq
+//! tether saw acknowledged, where to pull it from, and whether a pull is
+//! waiting or running. One pull per thread at a time; bounded (a full
+//! ledger drops its oldest waiting thread and counts it).
+//!
+//! The ledger is also the move's memory of what was acknowledged: a record
+//! stays until the store holds its acknowledged seq, so a move can tell a
+//! complete restore from one that would silently miss a turn.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
-/// Most attempts for one hint (store or worker failing).
+use crate::store::Fence;
+
+/// Most attempts for one pull (store or worker failing).
 const MAX_ATTEMPTS: u32 = 10;
 
-/// Which thread changed, on which worker.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Hint {
-    /// Session id (hex).
-    pub session: String,
-    /// Thread id.
-    pub thread: String,
-    /// Backend id holding the change.
+/// A thread of a session.
+pub(crate) type Key = (Arc<str>, Arc<str>);
+
+/// Where a pull goes and under which pin its writes are fenced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Source {
+    /// The worker holding the change.
     pub backend: String,
+    /// Its process, when known: a pull never reads another process.
+    pub instance: Option<Arc<str>>,
+    /// The pin the change was made under.
+    pub fence: Fence,
+}
+
+/// One announced change: `thread` of `session` reached `seq` on `source`.
+#[derive(Debug, Clone)]
+pub(crate) struct Hint {
+    pub session: Arc<str>,
+    pub thread: Arc<str>,
+    pub seq: u64,
+    pub source: Source,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pull {
+    /// Nothing to do now (stored, failed for good, or lost).
+    Idle,
+    /// In the queue.
+    Queued,
+    /// Being pulled; `again` when a newer hint came meanwhile.
+    Busy { again: bool },
+}
+
+#[derive(Debug)]
+struct Record {
+    acked: u64,
+    source: Source,
+    pull: Pull,
+    attempts: u32,
+    /// The process that held the unstored turns is gone for sure.
+    lost: bool,
+    /// When a move first found this thread's acknowledged turns missing.
+    missing_since: Option<Instant>,
+}
+
+/// What a move needs to know about one thread.
+#[derive(Debug, Clone)]
+pub(crate) struct Pending {
+    pub thread: Arc<str>,
+    pub acked: u64,
+    pub source: Source,
+    pub lost: bool,
+}
+
+/// How a pull ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pulled {
+    /// The store (or the outage buffer) holds the thread up to this seq.
+    Head(u64),
+    /// The write was refused: the session moved on; nothing left to do.
+    Fenced,
+    /// The holder's process is gone (restarted, or forgot the thread).
+    Lost,
+    /// It failed; `retry` when it may be tried again.
+    Failed,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    order: VecDeque<Hint>,
-    pending: HashMap<Hint, (u64, u32)>,
-    /// Hints being pulled now: one pull per thread at a time.
-    busy: HashSet<Hint>,
+    records: HashMap<Key, Record>,
+    order: VecDeque<Key>,
 }
 
-/// The bounded, coalescing queue.
+/// The bounded ledger.
 #[derive(Debug)]
-pub struct CaptureQueue {
+pub(crate) struct CaptureQueue {
     inner: Mutex<Inner>,
     ready: Notify,
+    /// Woken whenever a pull ends (a move waits for running pulls).
+    settled: Notify,
     cap: usize,
 }
 
 impl CaptureQueue {
-    /// A queue of at most `cap` distinct hints.
-    pub fn new(cap: usize) -> CaptureQueue {
+    /// A ledger of at most `cap` threads.
+    pub(crate) fn new(cap: usize) -> CaptureQueue {
         CaptureQueue {
             inner: Mutex::new(Inner::default()),
             ready: Notify::new(),
+            settled: Notify::new(),
             cap: cap.max(1),
         }
     }
@@ -54,70 +119,269 @@ impl CaptureQueue {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a hint; returns `true` when the oldest hint was dropped to
-    /// make room.
-    pub fn push(&self, hint: Hint, seq: u64, attempts: u32) -> bool {
+    /// Records an announced change and queues its pull; `true` when the
+    /// oldest waiting thread was dropped to make room.
+    pub(crate) fn push(&self, hint: Hint) -> bool {
+        let key: Key = (hint.session, hint.thread);
         let mut dropped = false;
         {
             let mut q = self.lock();
-            if let Some(p) = q.pending.get_mut(&hint) {
-                p.0 = p.0.max(seq);
-                p.1 = p.1.max(attempts);
-            } else {
-                if q.order.len() >= self.cap {
-                    if let Some(old) = q.order.pop_front() {
-                        q.pending.remove(&old);
-                        dropped = true;
-                    }
+            if !q.records.contains_key(&key) && q.records.len() >= self.cap {
+                dropped = q.evict();
+            }
+            let q = &mut *q;
+            let rec = q.records.entry(key.clone()).or_insert(Record {
+                acked: 0,
+                source: hint.source.clone(),
+                pull: Pull::Idle,
+                attempts: 0,
+                lost: false,
+                missing_since: None,
+            });
+            if hint.seq >= rec.acked || rec.source.backend != hint.source.backend {
+                // The newest announcement says where the thread lives now.
+                rec.source = hint.source;
+                rec.lost = false;
+            }
+            rec.acked = rec.acked.max(hint.seq);
+            match rec.pull {
+                Pull::Idle => {
+                    rec.pull = Pull::Queued;
+                    rec.attempts = 0;
+                    q.order.push_back(key);
                 }
-                q.order.push_back(hint.clone());
-                q.pending.insert(hint, (seq, attempts));
+                Pull::Queued => {}
+                Pull::Busy { .. } => rec.pull = Pull::Busy { again: true },
             }
         }
         self.ready.notify_one();
         dropped
     }
 
-    /// Takes the oldest hint whose thread is not being pulled, waiting for
-    /// one. Call [`CaptureQueue::done`] when the pull ends.
-    pub async fn pop(&self) -> (Hint, u64, u32) {
+    /// Queues a failed pull again (after its back-off), unless something
+    /// else already did or it has failed too often.
+    pub(crate) fn retry(&self, key: &Key) {
+        {
+            let mut q = self.lock();
+            let q = &mut *q;
+            let Some(rec) = q.records.get_mut(key) else {
+                return;
+            };
+            if rec.pull != Pull::Idle || rec.attempts >= MAX_ATTEMPTS {
+                return;
+            }
+            rec.pull = Pull::Queued;
+            q.order.push_back(key.clone());
+        }
+        self.ready.notify_one();
+    }
+
+    /// Takes the oldest queued thread, waiting for one; call
+    /// [`CaptureQueue::done`] when its pull ends.
+    pub(crate) async fn pop(&self) -> (Key, Source, u32) {
         loop {
             let notified = self.ready.notified();
-            {
-                let mut q = self.lock();
-                let pos = q.order.iter().position(|h| !q.busy.contains(h));
-                if let Some(h) = pos.and_then(|i| q.order.remove(i)) {
-                    if let Some((seq, attempts)) = q.pending.remove(&h) {
-                        q.busy.insert(h.clone());
-                        return (h, seq, attempts);
-                    }
-                    continue;
-                }
+            if let Some(taken) = self.take_front() {
+                return taken;
             }
             notified.await;
         }
     }
 
-    /// Ends the pull of `hint`; a hint queued meanwhile becomes ready.
-    pub fn done(&self, hint: &Hint) {
-        self.lock().busy.remove(hint);
+    fn take_front(&self) -> Option<(Key, Source, u32)> {
+        let mut q = self.lock();
+        let q = &mut *q;
+        while let Some(key) = q.order.pop_front() {
+            if let Some(rec) = q.records.get_mut(&key) {
+                if rec.pull == Pull::Queued {
+                    rec.pull = Pull::Busy { again: false };
+                    return Some((key, rec.source.clone(), rec.attempts));
+                }
+            }
+        }
+        None
+    }
+
+    /// Ends a pull; returns the back-off before a retry when it failed
+    /// and may be tried again.
+    pub(crate) fn done(&self, key: &Key, pulled: Pulled) -> Option<Duration> {
+        let mut retry = None;
+        {
+            let mut q = self.lock();
+            let q = &mut *q;
+            if let Some(rec) = q.records.get_mut(key) {
+                let again = matches!(rec.pull, Pull::Busy { again: true });
+                rec.pull = Pull::Idle;
+                match pulled {
+                    Pulled::Head(head) if head >= rec.acked && !again => {
+                        q.records.remove(key);
+                    }
+                    Pulled::Fenced if !again => {
+                        q.records.remove(key);
+                    }
+                    Pulled::Head(_) | Pulled::Fenced => {}
+                    Pulled::Lost => rec.lost = true,
+                    Pulled::Failed => {
+                        rec.attempts += 1;
+                        if rec.attempts < MAX_ATTEMPTS {
+                            retry = Some(backoff(rec.attempts));
+                        }
+                    }
+                }
+                if again {
+                    if let Some(rec) = q.records.get_mut(key) {
+                        rec.pull = Pull::Queued;
+                        q.order.push_back(key.clone());
+                    }
+                }
+            }
+        }
         self.ready.notify_one();
+        self.settled.notify_waiters();
+        retry
     }
 
-    /// Hints waiting.
-    pub fn len(&self) -> usize {
-        self.lock().order.len()
+    /// The store now holds `key` up to `head` (a flushed buffer write):
+    /// the record goes when that covers what was acknowledged.
+    pub(crate) fn stored(&self, key: &Key, head: u64) {
+        let mut q = self.lock();
+        if let Some(rec) = q.records.get(key) {
+            if rec.pull == Pull::Idle && head >= rec.acked {
+                q.records.remove(key);
+            }
+        }
     }
 
-    /// Whether no hint waits.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// For a move: takes the session's queued pulls (marking them running:
+    /// the caller pulls them and calls `done`) and lists every record.
+    /// `running` is how many pulls other tasks are running for it.
+    pub(crate) fn take_session(&self, session: &str) -> SessionPulls {
+        let mut q = self.lock();
+        let mut out = SessionPulls::default();
+        for (key, rec) in q.records.iter_mut() {
+            if &*key.0 != session {
+                continue;
+            }
+            match rec.pull {
+                Pull::Queued => {
+                    rec.pull = Pull::Busy { again: false };
+                    out.taken.push((key.clone(), rec.source.clone()));
+                }
+                Pull::Busy { .. } => out.running += 1,
+                Pull::Idle => out.idle.push((key.clone(), rec.source.clone())),
+            }
+        }
+        out
     }
+
+    /// Pulls other tasks are running for `session`.
+    pub(crate) fn running(&self, session: &str) -> usize {
+        self.lock()
+            .records
+            .iter()
+            .filter(|(k, r)| &*k.0 == session && matches!(r.pull, Pull::Busy { .. }))
+            .count()
+    }
+
+    /// Waits until some pull ends (bounded by the caller).
+    pub(crate) async fn settled(&self) {
+        self.settled.notified().await;
+    }
+
+    /// What was acknowledged for `session` and is not known stored yet.
+    pub(crate) fn pending(&self, session: &str) -> Vec<Pending> {
+        self.lock()
+            .records
+            .iter()
+            .filter(|(k, _)| &*k.0 == session)
+            .map(|(k, r)| Pending {
+                thread: k.1.clone(),
+                acked: r.acked,
+                source: r.source.clone(),
+                lost: r.lost,
+            })
+            .collect()
+    }
+
+    /// Notes that a move found these threads' acknowledged turns missing;
+    /// returns since when the earliest of them has been missing.
+    pub(crate) fn missing_since(
+        &self,
+        session: &str,
+        threads: &[Arc<str>],
+        now: Instant,
+    ) -> Instant {
+        let mut q = self.lock();
+        let mut earliest = now;
+        for t in threads {
+            let key: Key = (Arc::from(session), t.clone());
+            if let Some(r) = q.records.get_mut(&key) {
+                earliest = earliest.min(*r.missing_since.get_or_insert(now));
+            }
+        }
+        earliest
+    }
+
+    /// After a move: what was acknowledged for `session` before it is now
+    /// either stored or reported missing; forget it.
+    pub(crate) fn settle_session(&self, session: &str) {
+        self.lock()
+            .records
+            .retain(|k, r| &*k.0 != session || matches!(r.pull, Pull::Busy { .. }));
+    }
+
+    /// Threads with a pull waiting or running.
+    pub(crate) fn len(&self) -> usize {
+        self.lock()
+            .records
+            .values()
+            .filter(|r| r.pull != Pull::Idle)
+            .count()
+    }
+}
+
+impl Inner {
+    /// Makes room: drops the oldest queued thread, else any idle record.
+    fn evict(&mut self) -> bool {
+        while let Some(key) = self.order.pop_front() {
+            if self
+                .records
+                .get(&key)
+                .is_some_and(|r| r.pull == Pull::Queued)
+            {
+                self.records.remove(&key);
+                return true;
+            }
+        }
+        let idle = self
+            .records
+            .iter()
+            .find(|(_, r)| r.pull == Pull::Idle)
+            .map(|(k, _)| k.clone());
+        match idle {
+            Some(k) => {
+                self.records.remove(&k);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A move's view of its session's pulls.
+#[derive(Debug, Default)]
+pub(crate) struct SessionPulls {
+    /// Queued pulls the move now runs itself.
+    pub taken: Vec<(Key, Source)>,
+    /// Records with no pull queued (failed, lost, or pulled short).
+    pub idle: Vec<(Key, Source)>,
+    /// Pulls other tasks are running.
+    pub running: usize,
 }
 
 /// Parses `Tether-Checkpoint: t1;seq=4, t2;seq=9` into (thread, seq).
 /// Malformed items are skipped (a worker bug must not fail the response).
-pub fn parse_checkpoint(value: &str) -> Vec<(String, u64)> {
+pub(crate) fn parse_checkpoint(value: &str) -> Vec<(String, u64)> {
     value
         .split(',')
         .filter_map(|item| {
@@ -138,7 +402,7 @@ struct EntrySeq {
 }
 
 /// Pairs each raw entry with its `seq`; entries without one are invalid.
-pub fn entries_with_seq(
+pub(crate) fn entries_with_seq(
     entries: &[Box<serde_json::value::RawValue>],
 ) -> Option<Vec<(u64, String)>> {
     entries
@@ -151,54 +415,9 @@ pub fn entries_with_seq(
 }
 
 /// Back-off before the `attempt`-th retry.
-pub fn backoff(attempt: u32) -> Duration {
+pub(crate) fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(200u64.saturating_mul(1 << attempt.min(6))).min(Duration::from_secs(10))
 }
 
-/// Whether a hint may be tried again.
-pub fn may_retry(attempts: u32) -> bool {
-    attempts < MAX_ATTEMPTS
-}
-
-/// Shared handle.
-pub type SharedQueue = Arc<CaptureQueue>;
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn hint(t: &str) -> Hint {
-        Hint {
-            session: "s".into(),
-            thread: t.into(),
-            backend: "a".into(),
-        }
-    }
-
-    #[tokio::test]
-    async fn coalesces_and_drops_oldest_when_full() {
-        let q = CaptureQueue::new(2);
-        assert!(!q.push(hint("t1"), 1, 0));
-        assert!(!q.push(hint("t1"), 3, 0), "same thread coalesces");
-        assert!(!q.push(hint("t2"), 1, 0));
-        assert!(q.push(hint("t3"), 1, 0), "full: oldest dropped");
-        assert_eq!(q.len(), 2);
-        let (h, seq, _) = q.pop().await;
-        assert_eq!((h.thread.as_str(), seq), ("t2", 1));
-        // While t2 is pulled, a new t2 hint waits behind t3.
-        q.push(hint("t2"), 2, 0);
-        let (h3, _, _) = q.pop().await;
-        assert_eq!(h3.thread, "t3");
-        q.done(&h);
-        let (again, seq, _) = q.pop().await;
-        assert_eq!((again.thread.as_str(), seq), ("t2", 2));
-    }
-
-    #[test]
-    fn checkpoint_header_parsing() {
-        assert_eq!(
-            parse_checkpoint("t1;seq=4, t2 ; seq=9,bad,;seq=3,t3;seq=x"),
-            vec![("t1".to_owned(), 4), ("t2".to_owned(), 9)]
-        );
-    }
-}
+mod tests;

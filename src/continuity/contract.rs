@@ -4,27 +4,61 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
-use http::{Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+use http::uri::PathAndQuery;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
+use tokio::time::Instant;
 
 use crate::backends::Backend;
-use crate::config::State;
+use crate::live::Live;
+use crate::proxy::body::{BoxError, ReplayBody};
+use crate::upstream::{self, Expect, Fresh, Upstream, UpstreamError};
+use crate::wire::{TETHER_EPOCH, TETHER_SESSION};
 
 /// A contract call that failed.
 #[derive(Debug, thiserror::Error)]
-pub enum ContractError {
-    /// No answer (connect, reset, timeout).
-    #[error("worker {backend}: {message}")]
-    Transport {
+pub(crate) enum ContractError {
+    /// The worker could not be reached, or dropped the call.
+    #[error("worker {backend} did not answer {what}")]
+    Unreachable {
         /// Backend id.
         backend: String,
-        /// What happened.
-        message: String,
+        /// The call.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: UpstreamError,
+    },
+    /// The call would reach another process than the one that holds the
+    /// data (the worker restarted).
+    #[error("worker {backend} is now process {seen}")]
+    InstanceChanged {
+        /// Backend id.
+        backend: String,
+        /// The instance the connection reached.
+        seen: String,
+    },
+    /// No complete answer before the deadline.
+    #[error("worker {backend} did not answer {what} in time")]
+    Timeout {
+        /// Backend id.
+        backend: String,
+        /// The call.
+        what: &'static str,
+    },
+    /// The answer's body could not be read (or was larger than
+    /// `state.max_export_bytes`).
+    #[error("worker {backend}: cannot read the {what} answer")]
+    Read {
+        /// Backend id.
+        backend: String,
+        /// The call.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: BoxError,
     },
     /// An answer outside the contract.
     #[error("worker {backend} answered {status} to {what}")]
@@ -37,14 +71,15 @@ pub enum ContractError {
         status: StatusCode,
     },
     /// A body that is not the contract's JSON.
-    #[error("worker {backend}: bad {what} body: {message}")]
+    #[error("worker {backend}: bad {what} body")]
     Body {
         /// Backend id.
         backend: String,
         /// The call.
         what: &'static str,
         /// The parse error.
-        message: String,
+        #[source]
+        source: serde_json::Error,
     },
 }
 
@@ -59,11 +94,18 @@ pub enum Imported {
     Diverged,
 }
 
+/// What an export found.
+#[derive(Debug)]
+pub enum Exported {
+    /// The worker's thread.
+    Thread(Export),
+    /// A typed `404 {"code":"thread_not_found"}`.
+    NotFound,
+}
+
 /// A thread export (`GET …/threads/T?after=N`).
 #[derive(Debug, Deserialize)]
 pub struct Export {
-    /// The worker's head seq.
-    pub seq: u64,
     /// Entries after `N`, raw JSON each.
     pub entries: Vec<Box<serde_json::value::RawValue>>,
     /// Opaque state.
@@ -94,66 +136,57 @@ pub struct Change {
 
 /// One contract request.
 struct Call<'a> {
+    what: &'static str,
     method: Method,
     path_and_query: String,
-    headers: &'a [(&'static str, String)],
+    headers: &'a [(HeaderName, String)],
     body: Bytes,
-    timeout: Duration,
+    expect: Expect<'a>,
+    deadline: Instant,
 }
 
-/// The HTTP client for contract calls.
+/// The client for contract calls: the same verified upstream connections
+/// as forwarded requests.
 #[derive(Debug, Clone)]
 pub struct Contract {
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-impl Default for Contract {
-    fn default() -> Self {
-        Self::new()
-    }
+    upstream: Upstream,
 }
 
 impl Contract {
-    /// A pooled client.
-    pub fn new() -> Contract {
-        let mut c = HttpConnector::new();
-        c.set_nodelay(true);
-        c.set_connect_timeout(Some(Duration::from_secs(5)));
-        Contract {
-            client: Client::builder(TokioExecutor::new()).build(c),
-        }
+    /// A client over `upstream`.
+    pub(crate) fn new(upstream: Upstream) -> Contract {
+        Contract { upstream }
     }
 
     async fn call(
         &self,
         backend: &Backend,
-        state: &State,
+        live: &Live,
         call: Call<'_>,
     ) -> Result<(StatusCode, Bytes), ContractError> {
         let Call {
+            what,
             method,
             path_and_query,
             headers,
             body,
-            timeout,
+            expect,
+            deadline,
         } = call;
-        let transport = |m: String| ContractError::Transport {
+        let state = &live.config.state;
+        let target = PathAndQuery::try_from(path_and_query).map_err(|e| ContractError::Read {
             backend: backend.id.clone(),
-            message: m,
-        };
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(backend.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|e| transport(e.to_string()))?;
-        let mut req = Request::new(Full::new(body));
+            what,
+            source: Box::new(e),
+        })?;
+        let mut req = Request::new(ReplayBody::from_bytes(body));
         *req.method_mut() = method;
-        *req.uri_mut() = uri;
+        *req.uri_mut() = upstream::origin_form(&target);
         let h = req.headers_mut();
+        h.insert(HOST, upstream::host_value(&backend.authority));
         for (k, v) in headers {
             if let Ok(v) = HeaderValue::from_str(v) {
-                h.insert(*k, v);
+                h.insert(k.clone(), v);
             }
         }
         if let Some(token) = &state.token {
@@ -161,59 +194,87 @@ impl Contract {
                 h.insert(AUTHORIZATION, v);
             }
         }
-        let fut = async {
-            let resp = self
-                .client
-                .request(req)
+        let settings = upstream::Settings::of(live);
+        let exchange = async {
+            let sent = self
+                .upstream
+                .send(&backend.endpoint, &settings, expect, Fresh::Pooled, req)
                 .await
-                .map_err(|e| transport(e.to_string()))?;
-            let status = resp.status();
-            let body = Limited::new(resp.into_body(), state.max_export_bytes)
+                .map_err(|e| match e {
+                    UpstreamError::InstanceChanged { seen } => ContractError::InstanceChanged {
+                        backend: backend.id.clone(),
+                        seen,
+                    },
+                    source => ContractError::Unreachable {
+                        backend: backend.id.clone(),
+                        what,
+                        source,
+                    },
+                })?;
+            let status = sent.response.status();
+            let body = Limited::new(sent.response.into_body(), state.max_export_bytes)
                 .collect()
                 .await
-                .map_err(|e| transport(e.to_string()))?
+                .map_err(|source| ContractError::Read {
+                    backend: backend.id.clone(),
+                    what,
+                    source,
+                })?
                 .to_bytes();
             Ok((status, body))
         };
-        tokio::time::timeout(timeout, fut)
+        tokio::time::timeout_at(deadline, exchange)
             .await
-            .map_err(|_| transport(format!("no answer within {timeout:?}")))?
+            .map_err(|_| ContractError::Timeout {
+                backend: backend.id.clone(),
+                what,
+            })?
     }
 
-    /// `GET {path}/threads/{thread}?after={after}`; `None` on a typed 404.
+    /// `GET {path}/threads/{thread}?after={after}` on the process `expect`
+    /// (when known).
+    #[allow(clippy::too_many_arguments)]
     pub async fn export(
         &self,
         backend: &Backend,
-        state: &State,
+        live: &Live,
+        expect: Option<&str>,
         session: &str,
         thread: &str,
         after: u64,
-    ) -> Result<Option<Export>, ContractError> {
-        let pq = format!("{}/threads/{}?after={after}", state.path, encode(thread));
+        deadline: Instant,
+    ) -> Result<Exported, ContractError> {
+        let pq = format!(
+            "{}/threads/{}?after={after}",
+            live.config.state.path,
+            encode(thread)
+        );
         let (status, body) = self
             .call(
                 backend,
-                state,
+                live,
                 Call {
+                    what: "export",
                     method: Method::GET,
                     path_and_query: pq,
-                    headers: &[("tether-session", session.to_owned())],
+                    headers: &[(TETHER_SESSION, session.to_owned())],
                     body: Bytes::new(),
-                    timeout: state.restore_timeout,
+                    expect: expect.map_or(Expect::Any, Expect::Instance),
+                    deadline,
                 },
             )
             .await?;
         match status {
             StatusCode::OK => {
                 serde_json::from_slice(&body)
-                    .map(Some)
-                    .map_err(|e| ContractError::Body {
+                    .map(Exported::Thread)
+                    .map_err(|source| ContractError::Body {
                         backend: backend.id.clone(),
                         what: "export",
-                        message: e.to_string(),
+                        source,
                     })
             }
-            StatusCode::NOT_FOUND if is_thread_not_found(&body) => Ok(None),
+            StatusCode::NOT_FOUND if is_thread_not_found(&body) => Ok(Exported::NotFound),
             status => Err(ContractError::Status {
                 backend: backend.id.clone(),
                 what: "export",
@@ -224,30 +285,34 @@ impl Contract {
 
     /// `PUT {path}/threads/{thread}` with the whole stored thread. Only a
     /// typed answer counts; anything else is a failed import.
+    #[allow(clippy::too_many_arguments)]
     pub async fn import(
         &self,
         backend: &Backend,
-        state: &State,
+        live: &Live,
         session: &str,
         epoch: u64,
         thread: &str,
         body: Bytes,
+        deadline: Instant,
     ) -> Result<Imported, ContractError> {
-        let pq = format!("{}/threads/{}", state.path, encode(thread));
+        let pq = format!("{}/threads/{}", live.config.state.path, encode(thread));
         let (status, _) = self
             .call(
                 backend,
-                state,
+                live,
                 Call {
+                    what: "import",
                     method: Method::PUT,
                     path_and_query: pq,
                     headers: &[
-                        ("tether-session", session.to_owned()),
-                        ("tether-epoch", epoch.to_string()),
-                        (CONTENT_TYPE.as_str(), "application/json".to_owned()),
+                        (TETHER_SESSION, session.to_owned()),
+                        (TETHER_EPOCH, epoch.to_string()),
+                        (CONTENT_TYPE, "application/json".to_owned()),
                     ],
                     body,
-                    timeout: state.restore_timeout,
+                    expect: Expect::Any,
+                    deadline,
                 },
             )
             .await?;
@@ -268,26 +333,28 @@ impl Contract {
     pub async fn changes(
         &self,
         backend: &Backend,
-        state: &State,
+        live: &Live,
         cursor: &str,
         wait: Duration,
     ) -> Result<Option<Changes>, ContractError> {
         let pq = format!(
             "{}/changes?after={}&wait={}s",
-            state.path,
+            live.config.state.path,
             encode(cursor),
             wait.as_secs()
         );
         let (status, body) = self
             .call(
                 backend,
-                state,
+                live,
                 Call {
+                    what: "changes",
                     method: Method::GET,
                     path_and_query: pq,
                     headers: &[],
                     body: Bytes::new(),
-                    timeout: wait + Duration::from_secs(10),
+                    expect: Expect::Any,
+                    deadline: Instant::now() + wait + Duration::from_secs(10),
                 },
             )
             .await?;
@@ -295,10 +362,10 @@ impl Contract {
             StatusCode::OK => {
                 serde_json::from_slice(&body)
                     .map(Some)
-                    .map_err(|e| ContractError::Body {
+                    .map_err(|source| ContractError::Body {
                         backend: backend.id.clone(),
                         what: "changes",
-                        message: e.to_string(),
+                        source,
                     })
             }
             StatusCode::NOT_FOUND => Ok(None),

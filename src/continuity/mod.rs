@@ -1,46 +1,422 @@
-//! State continuity: the background capture of thread snapshots into the
-//! store, and the restore that runs before a moved session's first request
-//! reaches its new worker.
+//! State continuity: capturing what workers announce into the store, and
+//! what a move needs from it. [`Continuity`] is the handle the proxy, the
+//! move ([`crate::restore`]) and the background tasks share; it owns the
+//! store link, the capture ledger, the outage buffer, the re-pin overrides,
+//! the per-session flights, the session writer and the contract client.
 //!
 //! ```text
 //! response with Tether-Checkpoint ─┐
-//! worker change feed (long poll) ──┴─▶ capture queue (coalesced, bounded)
-//!        ──▶ GET {state.path}/threads/T?after=stored ──▶ store.append
-//!
-//! moved session ──▶ single-flight per session ──▶ CAS on tether_sessions.epoch
-//!        won  ──▶ PUT {state.path}/threads/T for every stored thread ──▶ NOTIFY
-//!        lost ──▶ follow the winner's worker, wait for its restore outcome
+//! worker change feed (long poll) ──┴─▶ capture ledger (per thread, bounded)
+//!        ──▶ GET {state.path}/threads/T?after=stored   (same worker process)
+//!        ──▶ fenced append ──▶ store            (store down: outage buffer)
 //! ```
 
-pub mod capture;
-pub mod contract;
-pub mod feed;
-pub mod overrides;
-pub mod restore;
-pub mod writer;
+mod buffer;
+pub(crate) mod capture;
+pub(crate) mod contract;
+mod link;
+pub(crate) mod overrides;
+mod tasks;
+pub(crate) mod writer;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 
-use arc_swap::ArcSwapOption;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::affinity::sessions::Sessions;
+use crate::affinity::SessionId;
+use crate::backends::WorkerSet;
+use crate::clock::SharedClock;
+use crate::live::SharedLive;
+use crate::metrics::{ContinuityGauges, Metrics};
+use crate::store::{Appended, Fence, SessionRow, ThreadWrite};
+use buffer::{Buffered, OutageBuffer};
+use capture::{CaptureQueue, Hint, Key, Pulled, Source};
+use contract::{Contract, ContractError, Exported};
+use overrides::{Override, Overrides};
+use writer::SessionWriter;
 
-/// The store once connected; `None` while it is unreachable at start.
-#[derive(Debug, Default)]
-pub struct StoreSlot(ArcSwapOption<StoreBox>);
+pub(crate) use link::StoreLink;
+pub use link::StoreState;
 
-/// A sized wrapper so the trait object can live in an `ArcSwap`.
+/// The continuity handle; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Continuity(Arc<Inner>);
+
 #[derive(Debug)]
-pub struct StoreBox(pub Arc<dyn Store>);
+struct Inner {
+    link: StoreLink,
+    flights: Flights,
+    overrides: Overrides,
+    capture: CaptureQueue,
+    buffer: OutageBuffer,
+    writer: SessionWriter,
+    contract: Contract,
+    workers: WorkerSet,
+    live: SharedLive,
+    metrics: Arc<Metrics>,
+    clock: SharedClock,
+}
 
-impl StoreSlot {
-    /// The store, if connected.
-    pub fn get(&self) -> Option<Arc<dyn Store>> {
-        self.0.load().as_ref().map(|b| b.0.clone())
+impl Continuity {
+    /// The handle, with bounds from the current config.
+    pub(crate) fn new(
+        live: SharedLive,
+        workers: WorkerSet,
+        contract: Contract,
+        metrics: Arc<Metrics>,
+        clock: SharedClock,
+    ) -> Continuity {
+        let config = live.load().config.clone();
+        let (state, limits) = (&config.state, &config.limits);
+        Continuity(Arc::new(Inner {
+            link: StoreLink::default(),
+            flights: Flights::default(),
+            overrides: Overrides::new(limits.max_sessions),
+            capture: CaptureQueue::new(state.queue),
+            buffer: OutageBuffer::new(state.buffer_bytes),
+            writer: SessionWriter::new(state.queue),
+            contract,
+            workers,
+            live,
+            metrics,
+            clock,
+        }))
     }
 
-    /// Installs the connected store.
-    pub fn set(&self, store: Arc<dyn Store>) {
-        self.0.store(Some(Arc::new(StoreBox(store))));
+    /// Connects the store and starts the background tasks under `cancel`.
+    pub(crate) async fn start(&self, sessions: Sessions, cancel: CancellationToken) {
+        tasks::start(self.clone(), sessions, cancel).await;
+    }
+
+    // === what the proxy calls ===
+
+    /// A response announced changed threads (`Tether-Checkpoint`): record
+    /// them as acknowledged and queue their capture.
+    pub(crate) fn checkpoint(&self, session: SessionId, value: &str, source: &Source) {
+        let session: Arc<str> = Arc::from(session.to_hex());
+        for (thread, seq) in capture::parse_checkpoint(value) {
+            self.note(Hint {
+                session: session.clone(),
+                thread: Arc::from(thread),
+                seq,
+                source: source.clone(),
+            });
+        }
+    }
+
+    /// Records an announced change and queues its capture.
+    fn note(&self, hint: Hint) {
+        if self.0.capture.push(hint) {
+            self.0.metrics.capture_dropped();
+        }
+    }
+
+    /// A newer pin of `session` that this replica knows about.
+    pub(crate) fn newer_pin(&self, session: SessionId) -> Option<Override> {
+        self.0.overrides.get(session)
+    }
+
+    /// Queues a session row for the store; counts a drop when full.
+    pub(crate) fn remember(&self, row: SessionRow) {
+        if !self.0.writer.push(row) {
+            self.0.metrics.store_writes_dropped(1);
+        }
+    }
+
+    /// The stored pin of a session (a request key another replica pinned).
+    pub(crate) async fn stored_pin(&self, session: &str, deadline: Instant) -> Option<SessionRow> {
+        let store = self.0.link.get().ok()?;
+        self.0
+            .link
+            .call(deadline, store.session(session))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The store's state.
+    pub fn store_state(&self) -> StoreState {
+        self.0.link.state()
+    }
+
+    /// The store's kind (`postgres`, `sqlite`), once connected.
+    pub fn store_kind(&self) -> Option<&'static str> {
+        self.0.link.get().ok().map(|s| s.kind())
+    }
+
+    /// The scrape-time gauges.
+    pub fn gauges(&self) -> ContinuityGauges {
+        let (buffered, buffered_bytes) = self.0.buffer.usage();
+        ContinuityGauges {
+            capture_queue: self.0.capture.len(),
+            store_up: self.store_state() == StoreState::Connected,
+            buffered,
+            buffered_bytes,
+        }
+    }
+
+    // === what the move uses ===
+
+    pub(crate) fn link(&self) -> &StoreLink {
+        &self.0.link
+    }
+
+    pub(crate) fn ledger(&self) -> &CaptureQueue {
+        &self.0.capture
+    }
+
+    pub(crate) fn contract(&self) -> &Contract {
+        &self.0.contract
+    }
+
+    pub(crate) fn overrides(&self) -> &Overrides {
+        &self.0.overrides
+    }
+
+    pub(crate) fn flight(&self, session: SessionId) -> Arc<tokio::sync::Mutex<()>> {
+        self.0.flights.lock_for(session)
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    pub(crate) fn now_unix(&self) -> u64 {
+        self.0.clock.now_unix()
+    }
+
+    // === capture ===
+
+    /// Pulls what `source` holds of a thread beyond the store's head and
+    /// writes it, fenced; into the outage buffer when the store is down.
+    pub(crate) async fn pull(&self, key: &Key, source: &Source, deadline: Instant) -> Pulled {
+        let m = &self.0.metrics;
+        let pulled = self.try_pull(key, source, deadline).await;
+        match &pulled {
+            Ok(Pulled::Head(_)) => m.capture("ok"),
+            Ok(Pulled::Fenced) => m.capture_fenced(),
+            Ok(Pulled::Lost) => m.capture("lost"),
+            Ok(Pulled::Failed) => m.capture("buffer_full"),
+            Err(e) => {
+                m.capture("error");
+                tracing::debug!(session = %key.0, thread = %key.1, backend = %source.backend, error = %crate::proxy::error::chain(e), "capture failed");
+            }
+        }
+        pulled.unwrap_or(Pulled::Failed)
+    }
+
+    async fn try_pull(
+        &self,
+        key: &Key,
+        source: &Source,
+        deadline: Instant,
+    ) -> Result<Pulled, CaptureError> {
+        let live = self.0.live.load_full();
+        let link = &self.0.link;
+        let stored = match link.get() {
+            Ok(store) => link.call(deadline, store.thread_seq(&key.0, &key.1)).await,
+            Err(e) => Err(e),
+        };
+        let stored = match stored {
+            Ok(head) => {
+                self.0.buffer.note_head(key, head);
+                head
+            }
+            // The store is down: ask for what is new since the last head we
+            // know (or the whole thread; the store ignores duplicates).
+            Err(_) => self.0.buffer.known_head(key).unwrap_or(0),
+        };
+        let workers = self.0.workers.load();
+        let Some(backend) = workers.get(&source.backend).cloned() else {
+            // The worker was removed: what only it held is gone.
+            return Ok(Pulled::Lost);
+        };
+        drop(workers);
+        let expect = source.instance.as_deref();
+        let exported = self
+            .0
+            .contract
+            .export(&backend, &live, expect, &key.0, &key.1, stored, deadline)
+            .await;
+        let export = match exported {
+            Ok(Exported::Thread(e)) => e,
+            // The worker does not hold the thread (any more): if it was
+            // never stored, it is lost.
+            Ok(Exported::NotFound) => return Ok(Pulled::Lost),
+            Err(ContractError::InstanceChanged { .. }) => return Ok(Pulled::Lost),
+            Err(e) => return Err(CaptureError::Contract(e)),
+        };
+        let entries = capture::entries_with_seq(&export.entries).ok_or(CaptureError::NoSeq)?;
+        let entries: Vec<(u64, String)> =
+            entries.into_iter().filter(|(s, _)| *s > stored).collect();
+        let write = ThreadWrite {
+            session_id: key.0.to_string(),
+            thread_id: key.1.to_string(),
+            entries,
+            state: export.state.map(|s| s.get().to_owned()),
+            now: self.0.clock.now_unix(),
+        };
+        let before = stored;
+        match self.write(key, &write, source, deadline).await? {
+            Written::Stored(head) => {
+                self.0.metrics.captured_entries(head.saturating_sub(before));
+                self.0.buffer.note_head(key, head);
+                Ok(Pulled::Head(head))
+            }
+            Written::Fenced => Ok(Pulled::Fenced),
+            Written::Buffered(head) => {
+                self.0.metrics.capture("buffered");
+                Ok(Pulled::Head(head))
+            }
+            Written::Dropped => Ok(Pulled::Failed),
+        }
+    }
+
+    /// Writes a capture, fenced; keeps it for later when the store is down.
+    async fn write(
+        &self,
+        key: &Key,
+        write: &ThreadWrite,
+        source: &Source,
+        deadline: Instant,
+    ) -> Result<Written, CaptureError> {
+        let result = match self.0.link.get() {
+            Ok(store) => {
+                let seed = self.seed(&key.0, source);
+                self.0
+                    .link
+                    .call(deadline, store.append(write, &source.fence, &seed))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(Appended::Head(h)) => Ok(Written::Stored(h)),
+            Ok(Appended::Fenced { epoch, backend }) => {
+                tracing::info!(session = %key.0, thread = %key.1, from = %source.backend, now_on = %backend, epoch, "capture refused: the session moved on");
+                Ok(Written::Fenced)
+            }
+            Err(e) => {
+                let head = write.entries.last().map_or(0, |(s, _)| *s);
+                let item = Buffered {
+                    key: key.clone(),
+                    write: write.clone(),
+                    source: source.clone(),
+                };
+                match self.0.buffer.push(item) {
+                    Ok(()) => {
+                        tracing::debug!(session = %key.0, thread = %key.1, error = %e, "store down: capture buffered");
+                        Ok(Written::Buffered(head))
+                    }
+                    Err(buffer::Full) => {
+                        self.0.metrics.buffer_dropped();
+                        tracing::warn!(session = %key.0, thread = %key.1, error = %e, "store down and capture buffer full: capture dropped");
+                        Ok(Written::Dropped)
+                    }
+                }
+            }
+        }
+    }
+
+    /// The session row a capture inserts when the store has none yet.
+    fn seed(&self, session: &str, source: &Source) -> SessionRow {
+        let now = self.0.clock.now_unix();
+        let ttl = self.0.live.load().lifetimes.ttl.as_secs();
+        SessionRow {
+            session_id: session.to_owned(),
+            backend_id: source.backend.clone(),
+            instance: source.instance.as_deref().unwrap_or("").to_owned(),
+            epoch: match source.fence {
+                Fence::Epoch(e) => e,
+                Fence::Holder(_) => 0,
+            },
+            created_at: now,
+            last_seen: now,
+            expires_at: now + ttl,
+        }
+    }
+
+    /// Writes buffered captures of `session` (all of them with `None`),
+    /// oldest first; stops at the first store failure (what is left stays
+    /// buffered). Returns whether the buffer holds none of them any more.
+    pub(crate) async fn flush(&self, session: Option<&str>, deadline: Instant) -> bool {
+        let mut items: std::collections::VecDeque<Buffered> = match session {
+            Some(s) => self.0.buffer.take_session(s).into(),
+            None => std::iter::from_fn(|| self.0.buffer.pop()).collect(),
+        };
+        while let Some(item) = items.pop_front() {
+            let result = match self.0.link.get() {
+                Ok(store) => {
+                    let seed = self.seed(&item.key.0, &item.source);
+                    self.0
+                        .link
+                        .call(
+                            deadline,
+                            store.append(&item.write, &item.source.fence, &seed),
+                        )
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(Appended::Head(head)) => {
+                    self.0.buffer.note_head(&item.key, head);
+                    self.0.capture.stored(&item.key, head);
+                }
+                Ok(Appended::Fenced { .. }) => {
+                    self.0.metrics.capture_fenced();
+                    tracing::info!(session = %item.key.0, thread = %item.key.1, "buffered capture refused: the session moved on");
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "store still down: captures stay buffered");
+                    items.push_front(item);
+                    for rest in items.into_iter().rev() {
+                        self.0.buffer.unpop(rest);
+                    }
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// What writing a capture came to.
+enum Written {
+    Stored(u64),
+    Fenced,
+    Buffered(u64),
+    Dropped,
+}
+
+/// Why a capture pull failed (it is retried with back-off).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CaptureError {
+    /// The worker did not export the thread.
+    #[error(transparent)]
+    Contract(#[from] ContractError),
+    /// The export had an entry without a `seq`.
+    #[error("export entry without a seq")]
+    NoSeq,
+}
+
+/// Per-session locks: concurrent requests of one session wait for one
+/// move. Entries are weak: a lock lives while someone holds it.
+#[derive(Debug, Default)]
+pub(crate) struct Flights(Mutex<HashMap<u128, Weak<tokio::sync::Mutex<()>>>>);
+
+impl Flights {
+    fn lock_for(&self, id: SessionId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = map.get(&id.as_u128()).and_then(Weak::upgrade) {
+            return l;
+        }
+        let l = Arc::new(tokio::sync::Mutex::new(()));
+        map.retain(|_, w| w.strong_count() > 0);
+        map.insert(id.as_u128(), Arc::downgrade(&l));
+        l
     }
 }

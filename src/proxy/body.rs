@@ -102,6 +102,14 @@ struct ReplayState {
     overflowed: bool,
     started: bool,
     ended: bool,
+    /// The client's body failed (framing error, cancelled upload).
+    failed: bool,
+}
+
+struct Shared {
+    state: Mutex<ReplayState>,
+    /// Woken when the source has been read to its end (or failed).
+    finished: tokio::sync::Notify,
 }
 
 /// A request body that remembers what it sent (up to a cap) so a retry can
@@ -109,7 +117,7 @@ struct ReplayState {
 /// by any attempt are recorded, and each attempt first replays the record.
 pub struct ReplayBody {
     /// `None` for a request without a body: nothing to record or lock.
-    state: Option<Arc<Mutex<ReplayState>>>,
+    state: Option<Arc<Shared>>,
     pos: usize,
     hint: SizeHint,
 }
@@ -119,18 +127,31 @@ impl ReplayBody {
     pub fn new(source: ProxyBody, cap: usize) -> ReplayBody {
         let hint = source.size_hint();
         ReplayBody {
-            state: Some(Arc::new(Mutex::new(ReplayState {
-                source: Some(source),
-                frames: Vec::new(),
-                buffered: 0,
-                cap,
-                overflowed: false,
-                started: false,
-                ended: false,
-            }))),
+            state: Some(Arc::new(Shared {
+                state: Mutex::new(ReplayState {
+                    source: Some(source),
+                    frames: Vec::new(),
+                    buffered: 0,
+                    cap,
+                    overflowed: false,
+                    started: false,
+                    ended: false,
+                    failed: false,
+                }),
+                finished: tokio::sync::Notify::new(),
+            })),
             pos: 0,
             hint,
         }
+    }
+
+    /// A body of fixed bytes (contract calls), replayable whole.
+    pub fn from_bytes(bytes: Bytes) -> ReplayBody {
+        if bytes.is_empty() {
+            return ReplayBody::empty();
+        }
+        let cap = bytes.len();
+        ReplayBody::new(full(bytes), cap)
     }
 
     /// The body of a request that has none (most GETs).
@@ -162,10 +183,53 @@ impl ReplayBody {
     pub fn started(&self) -> bool {
         self.state.as_ref().is_some_and(|s| lock(s).started)
     }
+
+    /// A handle that watches this body while an attempt sends it.
+    pub fn watch(&self) -> BodyWatch {
+        BodyWatch(self.state.clone())
+    }
 }
 
-fn lock(state: &Mutex<ReplayState>) -> std::sync::MutexGuard<'_, ReplayState> {
-    state.lock().unwrap_or_else(|p| p.into_inner())
+/// Watches a [`ReplayBody`] being sent: whether the client's side failed,
+/// and when it was read to its end.
+#[derive(Clone)]
+pub struct BodyWatch(Option<Arc<Shared>>);
+
+impl BodyWatch {
+    /// Whether the client's body failed (the client's fault, not the
+    /// worker's).
+    pub fn client_failed(&self) -> bool {
+        self.0.as_ref().is_some_and(|s| lock(s).failed)
+    }
+
+    /// Resolves once the client's body has been read to its end (or has
+    /// failed): from then on, the worker owes a response.
+    pub fn finished(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let shared = self.0.clone();
+        async move {
+            let Some(shared) = shared else { return };
+            loop {
+                let notified = shared.finished.notified();
+                {
+                    let st = lock(&shared);
+                    if st.ended || st.failed {
+                        return;
+                    }
+                }
+                notified.await;
+            }
+        }
+    }
+}
+
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, ReplayState> {
+    shared.state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether the source has nothing more to give (a known-length body ends
+/// without a final empty poll).
+fn source_done(st: &ReplayState) -> bool {
+    st.source.as_ref().is_none_or(|s| s.is_end_stream())
 }
 
 fn copy_frame(f: &Frame<Bytes>) -> Option<Frame<Bytes>> {
@@ -207,15 +271,24 @@ impl Body for ReplayBody {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 st.ended = true;
+                drop(st);
+                state.finished.notify_waiters();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
                 // A broken client body cannot be replayed either.
                 st.overflowed = true;
+                st.failed = true;
+                drop(st);
+                state.finished.notify_waiters();
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(Some(Ok(frame))) => {
                 st.started = true;
+                if source_done(&st) {
+                    st.ended = true;
+                    state.finished.notify_waiters();
+                }
                 let len = frame.data_ref().map(|d| d.len()).unwrap_or(0);
                 let recorded = !st.overflowed && st.buffered + len <= st.cap;
                 if recorded {

@@ -34,10 +34,18 @@ pub enum ProxyError {
         /// The pinned backend id.
         backend: String,
     },
-    /// The session's threads could not be restored into its new worker
+    /// The session could not move to its new worker with its history
     /// (`state.on_restore_failure = "unavailable"`).
-    #[error("restore failed")]
-    Restore(#[source] crate::continuity::restore::RestoreError),
+    #[error("move failed")]
+    Restore(#[source] crate::restore::MoveError),
+    /// The client's request body broke (bad chunked framing, a cancelled
+    /// upload): the client's fault, never counted against a worker.
+    #[error("client request body failed")]
+    ClientBody {
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
     /// Could not connect to the worker (nothing was sent).
     #[error("connect to worker {backend} failed")]
     Connect {
@@ -56,13 +64,19 @@ pub enum ProxyError {
         #[source]
         source: BoxError,
     },
-    /// The worker sent no response head in time.
+    /// The worker sent no response head within `limits.response_timeout`.
     #[error("worker {backend} did not answer within {after:?}")]
     Timeout {
         /// The backend id.
         backend: String,
         /// The deadline that passed.
         after: Duration,
+    },
+    /// Health marked the worker down while the request waited for it.
+    #[error("worker {backend} was marked down while the request waited")]
+    WorkerLost {
+        /// The backend id.
+        backend: String,
     },
 }
 
@@ -76,25 +90,14 @@ impl ProxyError {
             ProxyError::NoWorker => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::PinnedUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Restore(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ClientBody { source } if is_body_limit(source.as_ref()) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::Connect { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-        }
-    }
-
-    /// Whether sending the request to another worker is safe regardless of
-    /// its method: only when nothing reached the failed one.
-    pub fn nothing_sent(&self) -> bool {
-        match self {
-            ProxyError::Connect { .. } => true,
-            ProxyError::ReservedPath
-            | ProxyError::Smuggling(_)
-            | ProxyError::BodyTooLarge { .. }
-            | ProxyError::NoWorker
-            | ProxyError::PinnedUnavailable { .. }
-            | ProxyError::Restore(_)
-            | ProxyError::Upstream { .. }
-            | ProxyError::Timeout { .. } => false,
+            ProxyError::WorkerLost { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -103,12 +106,14 @@ impl ProxyError {
         match self {
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
-            | ProxyError::Timeout { .. } => true,
+            | ProxyError::Timeout { .. }
+            | ProxyError::WorkerLost { .. } => true,
             ProxyError::ReservedPath
             | ProxyError::Smuggling(_)
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::NoWorker
             | ProxyError::Restore(_)
+            | ProxyError::ClientBody { .. }
             | ProxyError::PinnedUnavailable { .. } => false,
         }
     }
@@ -120,11 +125,15 @@ impl ProxyError {
             ProxyError::ReservedPath => "not found\n",
             ProxyError::Smuggling(_) => "bad request\n",
             ProxyError::BodyTooLarge { .. } => "request body too large\n",
+            ProxyError::ClientBody { .. } if status == StatusCode::PAYLOAD_TOO_LARGE => {
+                "request body too large\n"
+            }
+            ProxyError::ClientBody { .. } => "bad request body\n",
             ProxyError::NoWorker
             | ProxyError::PinnedUnavailable { .. }
             | ProxyError::Restore(_) => "service unavailable, retry shortly\n",
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => "bad gateway\n",
-            ProxyError::Timeout { .. } => "gateway timeout\n",
+            ProxyError::Timeout { .. } | ProxyError::WorkerLost { .. } => "gateway timeout\n",
         };
         let mut resp = Response::new(full(text));
         *resp.status_mut() = status;
@@ -136,12 +145,28 @@ impl ProxyError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        if matches!(self, ProxyError::Smuggling(_)) {
-            // The framing is ambiguous: nothing after this head can be trusted.
+        if matches!(
+            self,
+            ProxyError::Smuggling(_) | ProxyError::ClientBody { .. }
+        ) {
+            // The framing is ambiguous or broken: nothing after this head
+            // can be trusted.
             h.insert(CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }
+}
+
+/// Whether a body error is `limits.max_body_bytes` being exceeded.
+fn is_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// The error and its sources joined, for one structured log field.

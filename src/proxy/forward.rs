@@ -1,32 +1,68 @@
-//! Forwarding: the attempt loop (with safe retries on another worker) and
-//! the response rewrite.
+//! Forwarding: the attempt loop and the response rewrite.
+//!
+//! Each attempt goes over a connection verified to reach the process the
+//! pin names (a restarted worker is never sent a pinned request before the
+//! session is restored into it). Failures are classified by who failed and
+//! whether anything reached the worker:
+//!
+//! | failure | worker health | retry |
+//! |---|---|---|
+//! | connection refused | down at once (not the last usable one) | elsewhere, always |
+//! | connect timeout, unanswered verification | one passive failure | elsewhere, always |
+//! | connection reaches another process | instance learned, session restored in place | same worker |
+//! | reused connection closed under the request | none (keep-alive race) | same worker, fresh connection, if idempotent |
+//! | reset or closed after the request was written | one passive failure | elsewhere, if idempotent |
+//! | no response head within `limits.response_timeout` | one passive failure | no (`504`) |
+//! | health marked the worker down meanwhile | (already down) | elsewhere, if idempotent |
+//! | the client's body broke | none: the client's fault | no (`400`) |
+//!
+//! A request that already failed on one worker is never counted against
+//! the next one: a poisonous request must not eject a second worker.
 
 use std::sync::Arc;
 
 use http::header::{HeaderValue, HOST, SET_COOKIE};
-use http::uri::{PathAndQuery, Scheme};
-use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use super::body::{BoxError, IdleBody, ReplayBody};
-use super::continuity::Continuity;
-use super::headers::{
-    self, Peer, TETHER_CHECKPOINT, TETHER_EPOCH, TETHER_INSTANCE, TETHER_SESSION,
-};
+use super::body::{BodyWatch, BoxError, IdleBody, ReplayBody};
+use super::headers::{self, Peer};
 use super::route::{Binding, Route};
-use super::{tunnel, Live, Proxy, ProxyBody, ProxyError, Trace};
-use crate::affinity::{cookies, MoveReason, PinOutcome};
-use crate::backends::Backend;
+use super::{tunnel, Proxy, ProxyBody, ProxyError, Trace};
+use crate::affinity::{cookies, MoveReason};
+use crate::backends::{Backend, BackendSet};
 use crate::balancer;
-use crate::continuity::capture::{parse_checkpoint, Hint};
-use crate::metrics::BackendLabel;
+use crate::continuity::capture::Source;
+use crate::live::Live;
+use crate::store::Fence;
+use crate::upstream::{self, Expect, Fresh, Sent, UpstreamBody, UpstreamError};
+use crate::wire::{
+    is_tether_header, TETHER_CHECKPOINT, TETHER_EPOCH, TETHER_INSTANCE, TETHER_RESTORE,
+    TETHER_SESSION,
+};
 
-/// `Tether-Restore: failed` on a response forwarded without history.
-const TETHER_RESTORE: http::HeaderName = http::HeaderName::from_static("tether-restore");
+/// How one attempt failed, and what the loop does about it.
+#[derive(Debug)]
+enum Attempt {
+    /// The connection reaches another process than the pin names: restore
+    /// into it, then send again (nothing was sent).
+    Restarted,
+    /// Send again to the same worker on a fresh connection.
+    Again,
+    /// Send to another worker (a move), when `nothing_sent` or the request
+    /// is safe to repeat.
+    Elsewhere {
+        error: ProxyError,
+        nothing_sent: bool,
+    },
+    /// Give up with this error.
+    Fail(ProxyError),
+}
 
 impl Proxy {
-    /// The inner handler: screen, route, forward, respond.
+    /// The inner handler: screen, route, continuity, forward, respond.
     pub(super) async fn run(
         &self,
         mut req: Request<Incoming>,
@@ -34,17 +70,14 @@ impl Proxy {
         live: &Live,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        self.screen(&req, live)?;
+        Self::screen(&req, live)?;
         self.preload_key_pin(req.headers(), live).await;
-        let mut route = self.route(req.headers(), live, trace)?;
+        let workers = self.0.workers.snapshot();
+        let mut route = self.route(req.headers(), live, &workers, trace)?;
         trace.session = Some(route.pin.session);
-        let mut continuity = self.ensure_continuity(&mut route, live).await?;
-        if route.outcome != PinOutcome::New {
-            let now = self.shared.clock.now_unix();
-            self.remember(&route, live, now);
-        }
+        let mut history = self.ensure_continuity(&mut route, live, &workers).await?;
+        self.remember(&route, live);
         trace.outcome = Some(route.outcome);
-        trace.restore_failed = continuity == Continuity::Degraded;
 
         let upgrade = headers::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -68,7 +101,6 @@ impl Proxy {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-
         let body = if http_body::Body::is_end_stream(&body) {
             ReplayBody::empty()
         } else {
@@ -82,201 +114,334 @@ impl Proxy {
         };
         let retry_safe = headers::is_retry_safe(&parts.method, &parts.headers);
 
-        let mut attempt_body = Some(body);
+        let mut next_body = Some(body);
+        let mut fresh = Fresh::Pooled;
+        // The first worker a failure was counted against; later ones are
+        // never blamed for the same request.
+        let mut blamed = false;
         loop {
             trace.attempts += 1;
             trace.backend = Some(route.backend.clone());
-            let Some(this_body) = attempt_body.take() else {
+            let Some(this_body) = next_body.take() else {
                 return Err(ProxyError::NoWorker);
             };
-            let next_body = this_body.try_clone();
-            let req = upstream_request(&parts, &path, &route, &outbound, this_body)?;
-            let result = self.send(live, &route.backend, req).await;
-            let err = match result {
-                Ok(resp) => {
+            next_body = this_body.try_clone();
+            let watch = this_body.watch();
+            let req = upstream_request(&parts, &path, &route, &outbound, this_body);
+            let sent = self.send(live, &route, fresh, req, &watch).await;
+            let failure = match sent {
+                Ok(sent) => {
+                    if !blamed {
+                        self.passive_outcome(
+                            live,
+                            &workers,
+                            &route.backend,
+                            sent.response.status(),
+                        );
+                    }
                     let mut resp = self
-                        .respond(resp, &route, live, peer, client_upgrade)
+                        .respond(sent, &route, live, peer, client_upgrade)
                         .await?;
-                    if continuity == Continuity::Degraded {
+                    if let Some(mark) = history.mark() {
                         resp.headers_mut()
-                            .insert(TETHER_RESTORE, HeaderValue::from_static("failed"));
+                            .insert(TETHER_RESTORE, HeaderValue::from_static(mark));
                     }
                     return Ok(resp);
                 }
-                Err(err) => err,
+                Err(e) => self.classify(
+                    e,
+                    live,
+                    &workers,
+                    &route,
+                    &watch,
+                    retry_safe,
+                    fresh,
+                    &mut blamed,
+                ),
             };
-            let retry = trace.attempts < live.config.limits.max_attempts
-                && next_body.is_some()
-                && (err.nothing_sent() || retry_safe);
-            if !retry {
-                return Err(err);
+            let last = trace.attempts >= live.config.limits.max_attempts;
+            match failure {
+                Attempt::Fail(error) => return Err(error),
+                Attempt::Restarted if !last && next_body.is_some() => {
+                    let to = route.backend.clone();
+                    history = history.and(
+                        self.relocate(&mut route, live, &workers, to, MoveReason::Restarted)
+                            .await?,
+                    );
+                    self.remember(&route, live);
+                    fresh = Fresh::Pooled;
+                }
+                Attempt::Again if !last && next_body.is_some() => {
+                    self.0.metrics.retry();
+                    fresh = Fresh::New;
+                }
+                Attempt::Elsewhere {
+                    error,
+                    nothing_sent,
+                } => {
+                    let again = !last && next_body.is_some() && (nothing_sent || retry_safe);
+                    let next = balancer::choose_repin(
+                        &route.pin.session.0,
+                        &workers,
+                        Some(&route.backend.id),
+                    );
+                    let (true, Some(next)) = (again, next) else {
+                        return Err(error);
+                    };
+                    tracing::info!(from = %route.backend.id, to = %next.id, error = %super::error::chain(&error), "retrying on another worker");
+                    self.0.metrics.retry();
+                    history = history.and(
+                        self.relocate(&mut route, live, &workers, next, MoveReason::Failed)
+                            .await?,
+                    );
+                    self.remember(&route, live);
+                    trace.outcome = Some(route.outcome);
+                    fresh = Fresh::Pooled;
+                }
+                Attempt::Restarted | Attempt::Again => {
+                    return Err(ProxyError::Connect {
+                        backend: route.backend.id.clone(),
+                        source: "no attempt left".into(),
+                    })
+                }
             }
-            let failed = route.backend.id.clone();
-            let Some(next) =
-                balancer::choose_repin(&route.pin.session.0, &live.backends, Some(&failed))
-            else {
-                return Err(err);
-            };
-            tracing::info!(
-                from = %failed,
-                to = %next.id,
-                error = %super::error::chain(&err),
-                "retrying on another worker"
-            );
-            self.shared.metrics.retries.inc();
-            let now = self.shared.clock.now_unix();
-            route = self.moved(route.pin, next, route.binding, MoveReason::Failed, now);
-            // The new worker gets the session's history before the retry.
-            continuity = self.ensure_continuity(&mut route, live).await?;
-            self.remember(&route, live, now);
-            trace.outcome = Some(route.outcome);
-            attempt_body = next_body;
         }
     }
 
-    /// One attempt: send and wait for the response head, with passive
-    /// health accounting.
+    /// One attempt: send and wait for the response head, at most
+    /// `limits.response_timeout` after the request body was sent, and no
+    /// longer than the worker stays usable.
     async fn send(
         &self,
         live: &Live,
-        backend: &Arc<Backend>,
+        route: &Route,
+        fresh: Fresh,
         req: Request<ReplayBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+        body: &BodyWatch,
+    ) -> Result<Sent, SendError> {
+        let backend = &route.backend;
         let limits = &live.config.limits;
-        let passive = &live.config.passive;
-        let outcome =
-            tokio::time::timeout(limits.stream_idle, self.shared.client.request(req)).await;
-        let err = match outcome {
-            Ok(Ok(resp)) => {
-                match resp.status() {
-                    StatusCode::BAD_GATEWAY
-                    | StatusCode::SERVICE_UNAVAILABLE
-                    | StatusCode::GATEWAY_TIMEOUT => {
-                        self.passive_failure(live, backend, passive.failures, passive.cooldown)
-                    }
-                    _ => backend.passive_success(),
-                }
-                return Ok(resp);
-            }
-            Ok(Err(e)) if e.is_connect() => {
-                self.lost(live, backend);
-                ProxyError::Connect {
-                    backend: backend.id.clone(),
-                    source: Box::new(e),
-                }
-            }
-            Ok(Err(e)) => {
-                if is_reset(&e) {
-                    self.lost(live, backend);
-                } else {
-                    self.passive_failure(live, backend, passive.failures, passive.cooldown);
-                }
-                ProxyError::Upstream {
-                    backend: backend.id.clone(),
-                    source: Box::new(e),
-                }
-            }
-            Err(_) => {
-                self.passive_failure(live, backend, passive.failures, passive.cooldown);
-                ProxyError::Timeout {
-                    backend: backend.id.clone(),
-                    after: limits.stream_idle,
-                }
-            }
+        let settings = upstream::Settings::of(live);
+        let expect = match route.pin.instance.as_str() {
+            "" => Expect::Any,
+            i => Expect::Instance(i),
         };
-        Err(err)
+        let lost = backend.lost();
+        tokio::pin!(lost);
+        lost.as_mut().enable();
+        if !backend.is_usable() {
+            return Err(SendError::Lost);
+        }
+        let after = limits.response_timeout;
+        let finished = body.finished();
+        let head_deadline = async move {
+            finished.await;
+            tokio::time::sleep(after).await;
+        };
+        tokio::select! {
+            r = self.0.upstream.send(&backend.endpoint, &settings, expect, fresh, req) => r.map_err(SendError::Upstream),
+            _ = &mut lost => Err(SendError::Lost),
+            _ = head_deadline => Err(SendError::Timeout),
+        }
     }
 
-    /// A refused or reset connection: the worker is down now, unless it is
-    /// the last usable one (then probes decide).
-    fn lost(&self, live: &Live, backend: &Backend) {
-        if backend.is_usable() && live.backends.usable_count() > 1 {
-            tracing::warn!(backend = %backend.id, "worker refused or reset a connection: marked down");
+    /// What a failed attempt means for the worker's health and the next
+    /// attempt (see the table at the top of this file).
+    #[allow(clippy::too_many_arguments)]
+    fn classify(
+        &self,
+        e: SendError,
+        live: &Live,
+        workers: &BackendSet,
+        route: &Route,
+        body: &BodyWatch,
+        retry_safe: bool,
+        fresh: Fresh,
+        blamed: &mut bool,
+    ) -> Attempt {
+        let backend = &route.backend;
+        let id = || backend.id.clone();
+        if body.client_failed() {
+            let source: BoxError = match e {
+                SendError::Upstream(u) => Box::new(u),
+                SendError::Lost | SendError::Timeout => "client body failed".into(),
+            };
+            return Attempt::Fail(ProxyError::ClientBody { source });
+        }
+        let blame = !*blamed;
+        let mut count_failure = || {
+            if blame {
+                *blamed = true;
+                self.passive_failure(live, workers, backend);
+            }
+        };
+        match e {
+            SendError::Timeout => {
+                count_failure();
+                Attempt::Fail(ProxyError::Timeout {
+                    backend: id(),
+                    after: live.config.limits.response_timeout,
+                })
+            }
+            SendError::Lost => Attempt::Elsewhere {
+                error: ProxyError::WorkerLost { backend: id() },
+                nothing_sent: false,
+            },
+            SendError::Upstream(u) => match u {
+                UpstreamError::InstanceChanged { ref seen } => {
+                    if let Some(old) = backend.observe_instance(seen) {
+                        self.instance_changed(backend, &old, seen);
+                    }
+                    Attempt::Restarted
+                }
+                UpstreamError::Refused { .. } => {
+                    if blame {
+                        *blamed = true;
+                        self.lost(workers, backend);
+                    }
+                    Attempt::Elsewhere {
+                        error: ProxyError::Connect {
+                            backend: id(),
+                            source: Box::new(u),
+                        },
+                        nothing_sent: true,
+                    }
+                }
+                UpstreamError::ConnectTimeout { .. } | UpstreamError::Verify { .. } => {
+                    count_failure();
+                    Attempt::Elsewhere {
+                        error: ProxyError::Connect {
+                            backend: id(),
+                            source: Box::new(u),
+                        },
+                        nothing_sent: true,
+                    }
+                }
+                UpstreamError::NotSent { .. } => Attempt::Again,
+                UpstreamError::ClientBody { source } => {
+                    Attempt::Fail(ProxyError::ClientBody { source })
+                }
+                UpstreamError::Failed { reused, .. } => {
+                    // A worker closing an idle keep-alive connection races
+                    // the request written on it: not a worker failure.
+                    if reused && fresh == Fresh::Pooled && retry_safe {
+                        return Attempt::Again;
+                    }
+                    count_failure();
+                    Attempt::Elsewhere {
+                        error: ProxyError::Upstream {
+                            backend: id(),
+                            source: Box::new(u),
+                        },
+                        nothing_sent: false,
+                    }
+                }
+            },
+        }
+    }
+
+    /// Passive health from a response status: `502`/`503`/`504` count,
+    /// anything else resets the count (a `500` any client can provoke
+    /// must not eject a worker).
+    fn passive_outcome(
+        &self,
+        live: &Live,
+        workers: &BackendSet,
+        backend: &Backend,
+        status: StatusCode,
+    ) {
+        match status {
+            StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT => self.passive_failure(live, workers, backend),
+            _ => backend.passive_success(),
+        }
+    }
+
+    /// A refused connection: the worker is down now, unless it is the last
+    /// usable one (then probes decide).
+    fn lost(&self, workers: &BackendSet, backend: &Backend) {
+        if backend.is_usable() && workers.usable_count() > 1 {
+            tracing::warn!(backend = %backend.id, "worker refused a connection: marked down");
             backend.mark_down();
         }
     }
 
-    fn passive_failure(
-        &self,
-        live: &Live,
-        backend: &Backend,
-        threshold: u32,
-        cooldown: std::time::Duration,
-    ) {
-        if live.backends.usable_count() <= 1 && backend.is_usable() {
+    fn passive_failure(&self, live: &Live, workers: &BackendSet, backend: &Backend) {
+        if workers.usable_count() <= 1 && backend.is_usable() {
             // Never eject the last usable worker passively.
             return;
         }
-        if let Some(time) = backend.passive_failure(threshold, cooldown) {
+        let p = &live.config.passive;
+        if let Some(time) = backend.passive_failure(p.failures, p.cooldown) {
             tracing::warn!(backend = %backend.id, ejected_for = ?time, "worker ejected after consecutive failures");
-            self.shared
-                .metrics
-                .ejections
-                .get_or_create(&BackendLabel {
-                    backend: backend.id.clone(),
-                })
-                .inc();
+            self.0.metrics.ejection(&backend.id);
         }
     }
 
-    /// The response rewrite: hop-by-hop out, the worker's affinity cookie
+    /// The response rewrite: capture hints and the worker's instance read,
+    /// hop-by-hop and `Tether-*` headers out, the worker's affinity cookie
     /// out, ours in, body streamed with an idle timeout; upgrades tunnelled.
     async fn respond(
         &self,
-        mut resp: Response<Incoming>,
+        sent: Sent,
         route: &Route,
         live: &Live,
         peer: &Peer,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let Sent {
+            response: mut resp,
+            instance: conn_instance,
+            ..
+        } = sent;
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let said = resp
+            .headers()
+            .get(TETHER_INSTANCE)
+            .and_then(|v| v.to_str().ok())
+            .map(Arc::<str>::from);
+        if let Some(seen) = said.as_deref() {
+            if let Some(old) = route.backend.observe_instance(seen) {
+                self.instance_changed(&route.backend, &old, seen);
+            }
+        }
+        // The process that answered: the connection's verified instance.
+        let instance = conn_instance.or(said);
         if let Some(v) = resp
             .headers()
             .get(TETHER_CHECKPOINT)
             .and_then(|v| v.to_str().ok())
         {
-            let session = route.pin.session.to_hex();
-            for (thread, seq) in parse_checkpoint(v) {
-                let hint = Hint {
-                    session: session.clone(),
-                    thread,
-                    backend: route.backend.id.clone(),
-                };
-                self.queue_capture(hint, seq, 0);
-            }
-        }
-        let mut learned = None;
-        if let Some(seen) = resp
-            .headers()
-            .get(TETHER_INSTANCE)
-            .and_then(|v| v.to_str().ok())
-        {
-            if let Some(old) = route.backend.observe_instance(seen) {
-                self.instance_changed(&route.backend, &old, seen);
-            }
-            if route.pin.instance.is_empty() {
-                // The pin learns which process holds the session, so a
-                // restart with empty memory is noticed later.
-                learned = Some(seen.to_owned());
-            }
-        }
-        let learned_pin = learned.map(|instance| {
-            let pin = crate::affinity::Pin {
-                instance,
-                ..route.pin.clone()
+            let source = Source {
+                backend: route.backend.id.clone(),
+                instance: instance.clone(),
+                fence: Fence::Epoch(route.pin.epoch),
             };
-            if let Binding::Key(key) = &route.binding {
-                self.shared.pins.insert(key, pin.clone());
+            self.0.continuity.checkpoint(route.pin.session, v, &source);
+        }
+        // The pin learns which process holds the session, so a restart
+        // with empty memory is noticed later.
+        let learned_pin = match instance.as_deref() {
+            Some(i) if route.pin.instance.is_empty() => {
+                let pin = crate::affinity::Pin {
+                    instance: i.to_owned(),
+                    ..route.pin.clone()
+                };
+                if let Binding::Key(key) = &route.binding {
+                    self.0.sessions.set_pin(key, pin.clone());
+                }
+                Some(pin)
             }
-            pin
-        });
+            _ => None,
+        };
         let pin = learned_pin.as_ref().unwrap_or(&route.pin);
         let set_cookie = route.set_cookie || learned_pin.is_some();
         let h = resp.headers_mut();
         headers::strip_hop_by_hop(h, switching);
         strip_worker_headers(h, live.codec.name());
         if set_cookie && route.binding == Binding::Cookie {
-            let now = self.shared.clock.now_unix();
+            let now = self.0.clock.now_unix();
             let value = live.codec.seal(pin);
             let max_age = live.lifetimes.max_age(pin, now);
             if let Some(v) = cookies::set_cookie(&live.config.affinity, value, max_age, peer.tls) {
@@ -297,20 +462,24 @@ impl Proxy {
             return Ok(Response::from_parts(parts, super::body::empty()));
         }
         let idle = live.config.limits.stream_idle;
-        Ok(resp.map(|b| http_body_util::BodyExt::boxed(IdleBody::new(b, idle))))
+        Ok(resp.map(|b: UpstreamBody| BodyExt::boxed(IdleBody::new(b, idle))))
     }
 
     /// A worker restarted behind the same address with empty memory.
     pub(crate) fn instance_changed(&self, backend: &Backend, old: &str, new: &str) {
         tracing::info!(backend = %backend.id, old, new, "worker instance changed");
-        self.shared
-            .metrics
-            .instance_changes
-            .get_or_create(&BackendLabel {
-                backend: backend.id.clone(),
-            })
-            .inc();
+        self.0.metrics.instance_change(&backend.id);
     }
+}
+
+/// Why `send` returned without a response.
+#[derive(Debug)]
+enum SendError {
+    Upstream(UpstreamError),
+    /// Health marked the worker down meanwhile.
+    Lost,
+    /// `limits.response_timeout` passed.
+    Timeout,
 }
 
 /// What every attempt's request headers get from the client connection.
@@ -320,44 +489,38 @@ struct Outbound<'a> {
     cookie: &'a str,
 }
 
-/// Builds one attempt's request for `route.backend`.
+/// Builds one attempt's request for `route.backend`: origin-form target,
+/// the client's Host (or the worker's authority), forwarding headers from
+/// the socket, `Tether-Session` and `Tether-Epoch`.
 fn upstream_request(
     parts: &http::request::Parts,
     path: &PathAndQuery,
     route: &Route,
     out: &Outbound<'_>,
     body: ReplayBody,
-) -> Result<Request<ReplayBody>, ProxyError> {
-    let uri = Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(route.backend.authority.clone())
-        .path_and_query(path.clone())
-        .build()
-        .map_err(|e| ProxyError::Connect {
-            backend: route.backend.id.clone(),
-            source: Box::new(e),
-        })?;
+) -> Request<ReplayBody> {
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = uri;
+    *req.uri_mut() = upstream::origin_form(path);
     *req.version_mut() = Version::HTTP_11;
     let h = req.headers_mut();
     *h = parts.headers.clone();
     headers::rewrite_request(h, out.peer, out.host);
     cookies::strip(h, out.cookie);
-    if let Some(host) = out.host {
-        h.insert(HOST, host.clone());
-    }
+    match out.host {
+        Some(host) => h.insert(HOST, host.clone()),
+        None => h.insert(HOST, upstream::host_value(&route.backend.authority)),
+    };
     let session = bytes::Bytes::from(route.pin.session.to_hex().into_bytes());
     if let Ok(v) = HeaderValue::from_maybe_shared(session) {
         h.insert(TETHER_SESSION, v);
     }
     h.insert(TETHER_EPOCH, HeaderValue::from(route.pin.epoch));
-    Ok(req)
+    req
 }
 
-/// Drops the worker's own copy of the affinity cookie and the headers of
-/// the worker contract that are meant for tether only.
+/// Drops the worker's own copy of the affinity cookie and every `Tether-*`
+/// header (meant for tether only).
 fn strip_worker_headers(h: &mut HeaderMap, cookie_name: &str) {
     if h.contains_key(SET_COOKIE) {
         let kept: Vec<HeaderValue> = h
@@ -371,23 +534,7 @@ fn strip_worker_headers(h: &mut HeaderMap, cookie_name: &str) {
             h.append(SET_COOKIE, v);
         }
     }
-    h.remove(TETHER_INSTANCE);
-    h.remove(TETHER_CHECKPOINT);
-}
-
-/// Whether a client error is a reset connection (the worker went away).
-fn is_reset(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused
-            ) {
-                return true;
-            }
-        }
-        cur = err.source();
+    while let Some(name) = h.keys().find(|k| is_tether_header(k)).cloned() {
+        h.remove(name);
     }
-    false
 }

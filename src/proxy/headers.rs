@@ -6,6 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 
+use crate::wire::is_tether_header;
+
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -27,14 +29,6 @@ const FORWARDING: [HeaderName; 5] = [
     HeaderName::from_static("x-real-ip"),
 ];
 
-/// `Tether-Session`: the session id sent to workers.
-pub const TETHER_SESSION: HeaderName = HeaderName::from_static("tether-session");
-/// `Tether-Epoch`: the pin epoch (fencing token) sent to workers.
-pub const TETHER_EPOCH: HeaderName = HeaderName::from_static("tether-epoch");
-/// `Tether-Instance`: a worker's process identity.
-pub const TETHER_INSTANCE: HeaderName = HeaderName::from_static("tether-instance");
-/// `Tether-Checkpoint`: a worker's hint that threads changed.
-pub const TETHER_CHECKPOINT: HeaderName = HeaderName::from_static("tether-checkpoint");
 /// `Idempotency-Key`: makes a non-idempotent request safe to retry.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
@@ -184,11 +178,7 @@ pub fn rewrite_request(h: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue
         h.remove(name);
     }
     // Every Tether-* header is ours to set; a client's copy is dropped.
-    while let Some(name) = h
-        .keys()
-        .find(|k| k.as_str().starts_with("tether-"))
-        .cloned()
-    {
+    while let Some(name) = h.keys().find(|k| is_tether_header(k)).cloned() {
         h.remove(name);
     }
     if let Some(v) = &peer.xff {

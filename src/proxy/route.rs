@@ -7,14 +7,15 @@ use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, Request};
 use hyper::body::Incoming;
 
-use super::{headers, Live, Proxy, ProxyError, Trace};
+use super::{headers, Proxy, ProxyError, Trace};
 use crate::affinity::{
-    self, cookies, Decision, MoveReason, Pin, PinOutcome, PinnedState, RejectReason, SessionId,
+    self, cookies, Decision, Pin, PinOutcome, PinnedState, RejectReason, SessionId,
 };
-use crate::backends::Backend;
+use crate::backends::{Backend, BackendSet};
 use crate::balancer;
 use crate::config::{BalanceKey, KeySource};
-use crate::metrics::ReasonLabel;
+use crate::live::Live;
+use crate::restore::Landing;
 use crate::store::SessionRow;
 
 /// How a session is bound to its requests.
@@ -39,9 +40,27 @@ pub(super) struct Route {
     pub from: Option<String>,
 }
 
+impl Route {
+    /// The session now lives where a move (or a newer pin) put it: the
+    /// one place a route changes worker.
+    pub(super) fn land(&mut self, backend: Arc<Backend>, epoch: u64, instance: String, now: u64) {
+        self.pin.backend = backend.id.clone();
+        self.pin.epoch = epoch;
+        self.pin.instance = instance;
+        self.pin.refreshed_at = now;
+        self.backend = backend;
+        self.set_cookie = self.binding == Binding::Cookie;
+    }
+
+    /// After a move.
+    pub(super) fn landed(&mut self, l: Landing, now: u64) {
+        self.land(l.backend, l.epoch, l.instance, now);
+    }
+}
+
 impl Proxy {
     /// Refuses what must never reach a worker.
-    pub(super) fn screen(&self, req: &Request<Incoming>, live: &Live) -> Result<(), ProxyError> {
+    pub(super) fn screen(req: &Request<Incoming>, live: &Live) -> Result<(), ProxyError> {
         let prefix = &live.config.state.path;
         let path = req.uri().path();
         if path.starts_with(prefix.as_str())
@@ -71,24 +90,19 @@ impl Proxy {
         &self,
         h: &HeaderMap,
         live: &Live,
+        workers: &BackendSet,
         trace: &mut Trace,
     ) -> Result<Route, ProxyError> {
-        let now = self.shared.clock.now_unix();
+        let now = self.0.clock.now_unix();
         let (found, binding) = self.find_pin(h, live, now);
         let (pin, rejected) = match found {
             Ok(pin) => (pin, None),
             Err(reason) => (None, reason),
         };
         if let Some(reason) = rejected {
-            self.shared
-                .metrics
-                .cookie_rejects
-                .get_or_create(&ReasonLabel {
-                    reason: reason.as_str(),
-                })
-                .inc();
+            self.0.metrics.cookie_reject(reason.as_str());
         }
-        let pinned_state = pin.as_ref().map(|p| match live.backends.get(&p.backend) {
+        let pinned_state = pin.as_ref().map(|p| match workers.get(&p.backend) {
             Some(b) if b.is_usable() => match b.draining_for() {
                 Some(t) if t >= live.config.drain.timeout => PinnedState::Drained,
                 _ => PinnedState::Usable,
@@ -99,8 +113,7 @@ impl Proxy {
         let decision = affinity::decide(pinned_state, live.config.affinity.on_worker_loss);
         let route = match (decision, pin) {
             (Decision::Keep, Some(mut pin)) => {
-                let backend = live
-                    .backends
+                let backend = workers
                     .get(&pin.backend)
                     .cloned()
                     .ok_or(ProxyError::NoWorker)?;
@@ -119,10 +132,17 @@ impl Proxy {
                 }
             }
             (Decision::Move(reason), Some(pin)) => {
-                let backend =
-                    balancer::choose_repin(&pin.session.0, &live.backends, Some(&pin.backend))
-                        .ok_or(ProxyError::NoWorker)?;
-                self.moved(pin, backend, binding, reason, now)
+                let backend = balancer::choose_repin(&pin.session.0, workers, Some(&pin.backend))
+                    .ok_or(ProxyError::NoWorker)?;
+                // The pin changes only when the move lands (or fails).
+                Route {
+                    set_cookie: binding == Binding::Cookie,
+                    from: Some(pin.backend.clone()),
+                    backend,
+                    pin,
+                    binding,
+                    outcome: PinOutcome::Moved(reason),
+                }
             }
             (Decision::Unavailable, Some(pin)) => {
                 trace.session = Some(pin.session);
@@ -141,8 +161,8 @@ impl Proxy {
                 let backend = balancer::choose_new(
                     live.config.balance.policy,
                     &key,
-                    &live.backends,
-                    &self.shared.rr,
+                    workers,
+                    self.0.sessions.rr(),
                     None,
                 )
                 .ok_or(ProxyError::NoWorker)?;
@@ -167,53 +187,20 @@ impl Proxy {
                 }
             }
         };
-        self.remember(&route, live, now);
         Ok(route)
     }
 
-    /// Moves a session to `backend` with the next epoch.
-    pub(super) fn moved(
-        &self,
-        pin: Pin,
-        backend: Arc<Backend>,
-        binding: Binding,
-        reason: MoveReason,
-        now: u64,
-    ) -> Route {
-        self.shared
-            .metrics
-            .repins
-            .get_or_create(&ReasonLabel {
-                reason: reason.as_str(),
-            })
-            .inc();
-        let from = Some(pin.backend.clone());
-        let pin = Pin {
-            backend: backend.id.clone(),
-            instance: backend.instance().unwrap_or_default(),
-            epoch: pin.epoch.saturating_add(1),
-            refreshed_at: now,
-            ..pin
-        };
-        Route {
-            set_cookie: binding == Binding::Cookie,
-            from,
-            backend,
-            pin,
-            binding,
-            outcome: PinOutcome::Moved(reason),
-        }
-    }
-
-    /// Records the route's pin in the in-memory tables.
-    pub(super) fn remember(&self, route: &Route, live: &Live, now: u64) {
+    /// Records the route's pin in the in-memory tables (and, now and then,
+    /// in the store).
+    pub(super) fn remember(&self, route: &Route, live: &Live) {
+        let now = self.0.clock.now_unix();
         let l = &live.lifetimes;
         let expires_at = match l.idle_timeout {
             Some(idle) => (now + idle.as_secs()).min(route.pin.issued_at + l.ttl.as_secs()),
             None => route.pin.issued_at + l.ttl.as_secs(),
         };
         let due = self
-            .shared
+            .0
             .sessions
             .touch(route.pin.session, &route.backend, expires_at, now);
         if due {
@@ -226,12 +213,10 @@ impl Proxy {
                 last_seen: now,
                 expires_at,
             };
-            if !self.shared.writer.push(row) {
-                self.shared.metrics.store_writes_dropped.inc();
-            }
+            self.0.continuity.remember(row);
         }
         if let Binding::Key(key) = &route.binding {
-            self.shared.pins.insert(key, route.pin.clone());
+            self.0.sessions.set_pin(key, route.pin.clone());
         }
     }
 
@@ -247,22 +232,16 @@ impl Proxy {
         let Some(key) = h.get(name).and_then(|v| v.to_str().ok()).map(str::trim) else {
             return;
         };
-        if key.is_empty() || self.shared.pins.get(key).is_some() {
+        if key.is_empty() || self.0.sessions.pin(key).is_some() {
             return;
         }
-        let Some(store) = self.shared.store.get() else {
-            return;
-        };
         let id = SessionId::for_key(key);
-        let lookup = tokio::time::timeout(
-            live.config.state.restore_timeout,
-            store.session(&id.to_hex()),
-        )
-        .await;
-        let now = self.shared.clock.now_unix();
-        if let Ok(Ok(Some(row))) = lookup {
+        let deadline = tokio::time::Instant::now() + live.config.state.restore_timeout;
+        let lookup = self.0.continuity.stored_pin(&id.to_hex(), deadline).await;
+        let now = self.0.clock.now_unix();
+        if let Some(row) = lookup {
             if row.expires_at > now {
-                self.shared.pins.insert(
+                self.0.sessions.set_pin(
                     key,
                     Pin {
                         session: id,
@@ -297,9 +276,9 @@ impl Proxy {
                         continue;
                     }
                     let pin = self
-                        .shared
-                        .pins
-                        .get(key)
+                        .0
+                        .sessions
+                        .pin(key)
                         .filter(|p| live.lifetimes.is_alive(p, now));
                     return (Ok(pin), Binding::Key(key.to_owned()));
                 }

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::scan::{Scanned, Scanner};
 use crate::config::Limits;
+use crate::live::SharedLive;
 use crate::metrics::Metrics;
 use crate::proxy::headers::Smuggling;
 use crate::proxy::{Peer, Proxy, ProxyError};
@@ -54,6 +55,7 @@ pub(super) async fn serve(
     listener: TcpListener,
     tls: Option<Arc<ArcSwapOption<rustls::ServerConfig>>>,
     proxy: Proxy,
+    settings: SharedLive,
     limit: ConnLimit,
     cancel: CancellationToken,
 ) {
@@ -79,12 +81,12 @@ pub(super) async fn serve(
         };
         let Some(permit) = limit.try_take() else {
             // Refuse instead of queueing: established connections keep going.
-            limit.metrics.connections_refused.inc();
+            limit.metrics.connection_refused();
             drop(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let live = proxy.shared.live.load();
+        let live = settings.load();
         let limits = live.config.limits.clone();
         drop(live);
         let tls_cfg = tls.as_ref().and_then(|t| t.load_full());
@@ -93,7 +95,7 @@ pub(super) async fn serve(
         let proxy = proxy.clone();
         let metrics = limit.metrics.clone();
         tokio::spawn(async move {
-            metrics.connections.inc();
+            metrics.connection(true);
             let peer = Peer::new(addr, is_tls);
             match (is_tls, tls_cfg) {
                 (false, _) => serve_conn(stream, peer, proxy, &limits, watcher).await,
@@ -112,12 +114,12 @@ pub(super) async fn serve(
                 }
                 (true, None) => tracing::error!("TLS listener without a TLS config"),
             }
-            metrics.connections.dec();
+            metrics.connection(false);
             drop(permit);
         });
     }
     drop(listener);
-    let grace = proxy.shared.live.load().config.shutdown.grace;
+    let grace = settings.load().config.shutdown.grace;
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()

@@ -16,12 +16,18 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin;
+use crate::admin::{self, Admin};
+use crate::affinity::sessions::Sessions;
+use crate::backends::WorkerSet;
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::continuity::contract::Contract;
+use crate::continuity::Continuity;
 use crate::health::Health;
+use crate::live::{Live, SharedLive};
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::{self, Proxy};
+use crate::upstream::Upstream;
 
 pub use accept::ConnLimit;
 
@@ -56,8 +62,9 @@ pub struct Handle {
     pub https: Option<SocketAddr>,
     /// Bound admin address.
     pub admin: SocketAddr,
-    /// The proxy (state, metrics).
-    pub proxy: Proxy,
+    proxy: Proxy,
+    live: SharedLive,
+    sessions: Sessions,
     tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
     health: Health,
     cancel: CancellationToken,
@@ -68,7 +75,26 @@ pub struct Handle {
 pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
-    let proxy = Proxy::new(config.clone(), metrics.clone(), clock);
+    let live = Live::shared(config.clone());
+    let workers = WorkerSet::new(&config.backends);
+    let sessions = Sessions::new(config.limits.max_sessions);
+    let upstream = Upstream::new();
+    let continuity = Continuity::new(
+        live.clone(),
+        workers.clone(),
+        Contract::new(upstream.clone()),
+        metrics.clone(),
+        clock.clone(),
+    );
+    let proxy = Proxy::new(proxy::Parts {
+        live: live.clone(),
+        workers: workers.clone(),
+        sessions: sessions.clone(),
+        continuity: continuity.clone(),
+        upstream: upstream.clone(),
+        metrics: metrics.clone(),
+        clock,
+    });
     let tls = Arc::new(ArcSwapOption::from(match &config.tls {
         Some(t) => Some(tls::server_config(t)?),
         None => None,
@@ -84,35 +110,42 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
     let (http_addr, https_addr) = (local(&http), local(&https));
     let admin_addr = local(&admin_listener).unwrap_or(config.listen.admin);
 
-    let health = Health::start(proxy.clone(), cancel.clone());
-    crate::continuity::feed::start(proxy.clone(), cancel.clone()).await;
+    let health = Health::start(
+        workers.clone(),
+        live.clone(),
+        upstream,
+        metrics.clone(),
+        cancel.clone(),
+    );
+    continuity.start(sessions.clone(), cancel.clone()).await;
     if config.discovery.is_some() {
         tokio::spawn(crate::discovery::run(
-            proxy.clone(),
+            workers.clone(),
+            live.clone(),
             health.clone(),
             cancel.clone(),
         ));
     }
-    if let Some(l) = http {
-        tasks.spawn(accept::serve(
-            l,
-            None,
-            proxy.clone(),
-            limit.clone(),
-            cancel.clone(),
-        ));
-    }
-    if let Some(l) = https {
-        tasks.spawn(accept::serve(
-            l,
-            Some(tls.clone()),
-            proxy.clone(),
-            limit.clone(),
-            cancel.clone(),
-        ));
+    for (listener, tls) in [(http, None), (https, Some(tls.clone()))] {
+        if let Some(l) = listener {
+            tasks.spawn(accept::serve(
+                l,
+                tls,
+                proxy.clone(),
+                live.clone(),
+                limit.clone(),
+                cancel.clone(),
+            ));
+        }
     }
     if let Some(l) = admin_listener {
-        tasks.spawn(admin::serve(l, proxy.clone(), cancel.clone()));
+        let admin = Admin {
+            live: live.clone(),
+            workers,
+            continuity,
+            metrics,
+        };
+        tasks.spawn(admin::serve(l, admin, cancel.clone()));
     }
     tracing::info!(
         http = http_addr.map(|a| a.to_string()).unwrap_or_default(),
@@ -126,6 +159,8 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
         https: https_addr,
         admin: admin_addr,
         proxy,
+        live,
+        sessions,
         tls,
         health,
         cancel,
@@ -148,7 +183,7 @@ impl Handle {
     /// Applies a new config: workers, cookie keys, TLS certificates and
     /// per-request limits. Listener addresses need a restart.
     pub fn reload(&self, config: Config) -> Result<(), ServerError> {
-        let old = self.proxy.shared.live.load_full();
+        let old = self.live.load_full();
         let same = |a: &crate::config::Listen, b: &crate::config::Listen| {
             a.http == b.http && a.https == b.https && a.admin == b.admin
         };
@@ -172,6 +207,11 @@ impl Handle {
         self.proxy.reload(Arc::new(config));
         self.health.sync();
         Ok(())
+    }
+
+    /// Live sessions (tests sweep them on a manual clock).
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
     }
 
     /// A token that stops the server when cancelled.

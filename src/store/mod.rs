@@ -18,6 +18,8 @@ use std::time::Duration;
 
 pub use sql::{PgStore, SqliteStore};
 
+use crate::restore::RestoreOutcome;
+
 /// A store operation's future.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
@@ -33,6 +35,50 @@ pub enum StoreError {
     /// The store URL is not understood.
     #[error("state.store: {0}")]
     Url(String),
+    /// The operation did not finish before its deadline.
+    #[error("store: no answer before the deadline")]
+    Timeout,
+    /// No store is connected (it was unreachable since tether started).
+    #[error("store: not connected")]
+    Unavailable,
+}
+
+/// What makes a capture write legitimate: the pin it was taken under. A
+/// session that moved on (a newer epoch, or another worker) refuses writes
+/// from the worker it left, so a late capture can never write into history
+/// the session's new worker is extending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fence {
+    /// Taken from a response to a request under this pin epoch: refused
+    /// when the stored epoch is newer.
+    Epoch(u64),
+    /// Reported by this worker's change feed (no epoch known): refused when
+    /// the session is pinned to another worker.
+    Holder(String),
+}
+
+/// The result of a fenced append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// Written; the thread's contiguous head seq now.
+    Head(u64),
+    /// Refused: the session moved on to this pin.
+    Fenced {
+        /// The stored epoch.
+        epoch: u64,
+        /// The stored backend.
+        backend: String,
+    },
+}
+
+impl Fence {
+    /// Whether a write under this fence is refused by the stored pin.
+    pub fn refuses(&self, stored_epoch: u64, stored_backend: &str) -> bool {
+        match self {
+            Fence::Epoch(e) => stored_epoch > *e,
+            Fence::Holder(b) => stored_backend != b,
+        }
+    }
 }
 
 /// A session's pin as the store holds it.
@@ -74,6 +120,21 @@ pub struct ThreadRow {
     pub state: Option<String>,
 }
 
+/// New entries of one thread, as a capture pulled them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadWrite {
+    /// Session id (hex).
+    pub session_id: String,
+    /// Thread id.
+    pub thread_id: String,
+    /// `(seq, entry JSON)`, ascending.
+    pub entries: Vec<(u64, String)>,
+    /// The thread's opaque state JSON, if the worker sent one.
+    pub state: Option<String>,
+    /// Unix seconds.
+    pub now: u64,
+}
+
 /// One restore, as logged in `tether_restores`.
 #[derive(Debug, Clone)]
 pub struct RestoreRow {
@@ -87,8 +148,8 @@ pub struct RestoreRow {
     pub to_backend: String,
     /// Threads sent.
     pub threads: u64,
-    /// `ok`, `failed`, `running`.
-    pub outcome: String,
+    /// How it ended (`running` while it runs).
+    pub outcome: RestoreOutcome,
     /// Unix seconds.
     pub started_at: u64,
     /// Duration.
@@ -125,30 +186,32 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn thread_seq<'a>(&'a self, session_id: &'a str, thread_id: &'a str) -> StoreFuture<'a, u64>;
     /// Appends entries (`ON CONFLICT DO NOTHING`), advances the thread's seq
     /// over contiguous entries only, stores `state` when given; returns the
-    /// new head seq.
+    /// new head seq. Fenced: in the same transaction the session's row is
+    /// locked (inserted from `seed` when absent) and the write is refused
+    /// when `fence` says the session moved on.
     fn append<'a>(
         &'a self,
-        session_id: &'a str,
-        thread_id: &'a str,
-        entries: &'a [(u64, String)],
-        state: Option<&'a str>,
-        now: u64,
-    ) -> StoreFuture<'a, u64>;
+        write: &'a ThreadWrite,
+        fence: &'a Fence,
+        seed: &'a SessionRow,
+    ) -> StoreFuture<'a, Appended>;
     /// Logs a restore; returns its id.
     fn record_restore<'a>(&'a self, row: &'a RestoreRow) -> StoreFuture<'a, i64>;
-    /// Sets a logged restore's outcome and duration.
-    fn finish_restore<'a>(
-        &'a self,
+    /// Sets a logged restore's outcome, duration and threads sent.
+    fn finish_restore(
+        &self,
         id: i64,
-        outcome: &'a str,
+        outcome: RestoreOutcome,
         duration_ms: u64,
-    ) -> StoreFuture<'a, ()>;
-    /// The latest outcome of restores of `session_id` into `epoch`.
+        threads: u64,
+    ) -> StoreFuture<'_, ()>;
+    /// The latest outcome of restores of `session_id` into `epoch`
+    /// (`None` when none was logged).
     fn restore_outcome<'a>(
         &'a self,
         session_id: &'a str,
         epoch: u64,
-    ) -> StoreFuture<'a, Option<String>>;
+    ) -> StoreFuture<'a, Option<RestoreOutcome>>;
     /// Deletes sessions (and their threads) that expired before `before`.
     fn expire(&self, before: u64) -> StoreFuture<'_, u64>;
     /// The PostgreSQL pool, for `LISTEN` (None for SQLite).

@@ -9,7 +9,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::Row;
 
-use super::{Repin, RestoreRow, SessionRow, Store, StoreError, StoreFuture, ThreadRow};
+use super::{
+    Appended, Fence, Repin, RestoreRow, SessionRow, Store, StoreError, StoreFuture, ThreadRow,
+    ThreadWrite,
+};
+use crate::restore::RestoreOutcome;
 
 /// PostgreSQL store (shared by replicas).
 #[derive(Debug, Clone)]
@@ -39,11 +43,6 @@ impl PgStore {
     pub async fn from_pool(pool: sqlx::PgPool) -> Result<PgStore, StoreError> {
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
         Ok(PgStore { pool })
-    }
-
-    /// The pool (for `LISTEN`).
-    pub fn pool(&self) -> &sqlx::PgPool {
-        &self.pool
     }
 }
 
@@ -235,31 +234,49 @@ macro_rules! impl_store {
                 })
             }
 
-            fn append<'a>(
-                &'a self,
-                session_id: &'a str,
-                thread_id: &'a str,
-                entries: &'a [(u64, String)],
-                state: Option<&'a str>,
-                now: u64,
-            ) -> StoreFuture<'a, u64> {
+            fn append<'a>(&'a self, w: &'a ThreadWrite, fence: &'a Fence, seed: &'a SessionRow) -> StoreFuture<'a, Appended> {
                 Box::pin(async move {
                     let mut tx = self.pool.begin().await?;
-                    for (seq, body) in entries {
+                    // Lock the session's row first (a write: PostgreSQL takes
+                    // the row lock, SQLite the database write lock), so a
+                    // concurrent re-pin either commits before this check or
+                    // waits for this transaction.
+                    let pin = sqlx::query(
+                        "INSERT INTO tether_sessions (session_id, backend_id, instance, epoch, created_at, last_seen, expires_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                         ON CONFLICT (session_id) DO UPDATE SET last_seen = tether_sessions.last_seen \
+                         RETURNING epoch, backend_id",
+                    )
+                    .bind(&seed.session_id)
+                    .bind(&seed.backend_id)
+                    .bind(&seed.instance)
+                    .bind(to_i64(seed.epoch))
+                    .bind(to_i64(seed.created_at))
+                    .bind(to_i64(seed.last_seen))
+                    .bind(to_i64(seed.expires_at))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    let epoch = to_u64(pin.try_get("epoch")?);
+                    let backend: String = pin.try_get("backend_id")?;
+                    if fence.refuses(epoch, &backend) {
+                        tx.rollback().await?;
+                        return Ok(Appended::Fenced { epoch, backend });
+                    }
+                    for (seq, body) in &w.entries {
                         sqlx::query(
                             "INSERT INTO tether_entries (session_id, thread_id, seq, body) VALUES ($1, $2, $3, $4) \
                              ON CONFLICT (session_id, thread_id, seq) DO NOTHING",
                         )
-                        .bind(session_id)
-                        .bind(thread_id)
+                        .bind(&w.session_id)
+                        .bind(&w.thread_id)
                         .bind(to_i64(*seq))
                         .bind(body)
                         .execute(&mut *tx)
                         .await?;
                     }
                     let head = sqlx::query("SELECT seq FROM tether_threads WHERE session_id = $1 AND thread_id = $2")
-                        .bind(session_id)
-                        .bind(thread_id)
+                        .bind(&w.session_id)
+                        .bind(&w.thread_id)
                         .fetch_optional(&mut *tx)
                         .await?;
                     let mut seq = match head {
@@ -270,8 +287,8 @@ macro_rules! impl_store {
                     let later = sqlx::query(
                         "SELECT seq FROM tether_entries WHERE session_id = $1 AND thread_id = $2 AND seq > $3 ORDER BY seq",
                     )
-                    .bind(session_id)
-                    .bind(thread_id)
+                    .bind(&w.session_id)
+                    .bind(&w.thread_id)
                     .bind(to_i64(seq))
                     .fetch_all(&mut *tx)
                     .await?;
@@ -289,15 +306,15 @@ macro_rules! impl_store {
                            state = COALESCE(excluded.state, tether_threads.state), \
                            updated_at = excluded.updated_at",
                     )
-                    .bind(session_id)
-                    .bind(thread_id)
+                    .bind(&w.session_id)
+                    .bind(&w.thread_id)
                     .bind(to_i64(seq))
-                    .bind(state)
-                    .bind(to_i64(now))
+                    .bind(w.state.as_deref())
+                    .bind(to_i64(w.now))
                     .execute(&mut *tx)
                     .await?;
                     tx.commit().await?;
-                    Ok(seq)
+                    Ok(Appended::Head(seq))
                 })
             }
 
@@ -312,7 +329,7 @@ macro_rules! impl_store {
                     .bind(&r.from_backend)
                     .bind(&r.to_backend)
                     .bind(to_i64(r.threads))
-                    .bind(&r.outcome)
+                    .bind(r.outcome.as_str())
                     .bind(to_i64(r.started_at))
                     .bind(to_i64(r.duration_ms))
                     .fetch_one(&self.pool)
@@ -321,11 +338,12 @@ macro_rules! impl_store {
                 })
             }
 
-            fn finish_restore<'a>(&'a self, id: i64, outcome: &'a str, duration_ms: u64) -> StoreFuture<'a, ()> {
+            fn finish_restore(&self, id: i64, outcome: RestoreOutcome, duration_ms: u64, threads: u64) -> StoreFuture<'_, ()> {
                 Box::pin(async move {
-                    sqlx::query("UPDATE tether_restores SET outcome = $1, duration_ms = $2 WHERE id = $3")
-                        .bind(outcome)
+                    sqlx::query("UPDATE tether_restores SET outcome = $1, duration_ms = $2, threads = $3 WHERE id = $4")
+                        .bind(outcome.as_str())
                         .bind(to_i64(duration_ms))
+                        .bind(to_i64(threads))
                         .bind(id)
                         .execute(&self.pool)
                         .await?;
@@ -333,7 +351,7 @@ macro_rules! impl_store {
                 })
             }
 
-            fn restore_outcome<'a>(&'a self, session_id: &'a str, epoch: u64) -> StoreFuture<'a, Option<String>> {
+            fn restore_outcome<'a>(&'a self, session_id: &'a str, epoch: u64) -> StoreFuture<'a, Option<RestoreOutcome>> {
                 Box::pin(async move {
                     let row = sqlx::query(
                         "SELECT outcome FROM tether_restores WHERE session_id = $1 AND epoch = $2 ORDER BY id DESC LIMIT 1",
@@ -343,7 +361,7 @@ macro_rules! impl_store {
                     .fetch_optional(&self.pool)
                     .await?;
                     Ok(match row {
-                        Some(r) => Some(r.try_get("outcome")?),
+                        Some(r) => RestoreOutcome::parse(r.try_get("outcome")?),
                         None => None,
                     })
                 })

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
+use crate::restore::RestoreOutcome;
 
 fn row(id: &str, backend: &str, epoch: u64) -> SessionRow {
     SessionRow {
@@ -42,20 +43,32 @@ async fn suite(s: Arc<dyn Store>) {
 
     // Append: duplicates ignored, head advances over contiguous seqs only.
     let e = |n: u64| (n, format!("{{\"seq\":{n}}}"));
+    let w = |entries: Vec<(u64, String)>, state: Option<&str>| ThreadWrite {
+        session_id: "s1".into(),
+        thread_id: "t".into(),
+        entries,
+        state: state.map(str::to_owned),
+        now: 10,
+    };
+    // s1 is at epoch 2 on b (the re-pin above).
+    let fence = Fence::Epoch(2);
+    let seed = row("s1", "b", 2);
     assert_eq!(
-        s.append("s1", "t", &[e(1), e(2)], Some("{\"m\":1}"), 10)
+        s.append(&w(vec![e(1), e(2)], Some("{\"m\":1}")), &fence, &seed)
             .await
             .unwrap(),
-        2
+        Appended::Head(2)
     );
     assert_eq!(
-        s.append("s1", "t", &[e(2), e(4)], None, 11).await.unwrap(),
-        2,
+        s.append(&w(vec![e(2), e(4)], None), &fence, &seed)
+            .await
+            .unwrap(),
+        Appended::Head(2),
         "gap at 3"
     );
     assert_eq!(
-        s.append("s1", "t", &[e(3)], None, 12).await.unwrap(),
-        4,
+        s.append(&w(vec![e(3)], None), &fence, &seed).await.unwrap(),
+        Appended::Head(4),
         "gap filled"
     );
     assert_eq!(s.thread_seq("s1", "t").await.unwrap(), 4);
@@ -70,6 +83,58 @@ async fn suite(s: Arc<dyn Store>) {
     let bodies = s.entries("s1", "t", 4).await.unwrap();
     assert_eq!(bodies, (1..=4).map(|n| e(n).1).collect::<Vec<_>>());
 
+    // Fencing: a capture taken under an older pin, or from a worker the
+    // session left, is refused and writes nothing.
+    let stale = ThreadWrite {
+        entries: vec![(5, "{\"seq\":5,\"from\":\"old\"}".into())],
+        ..w(vec![], None)
+    };
+    assert_eq!(
+        s.append(&stale, &Fence::Epoch(1), &seed).await.unwrap(),
+        Appended::Fenced {
+            epoch: 2,
+            backend: "b".into()
+        }
+    );
+    assert_eq!(
+        s.append(&stale, &Fence::Holder("a".into()), &seed)
+            .await
+            .unwrap(),
+        Appended::Fenced {
+            epoch: 2,
+            backend: "b".into()
+        }
+    );
+    assert_eq!(s.thread_seq("s1", "t").await.unwrap(), 4, "nothing written");
+    assert_eq!(
+        s.append(&stale, &Fence::Holder("b".into()), &seed)
+            .await
+            .unwrap(),
+        Appended::Head(5),
+        "the current holder writes"
+    );
+    // A capture of a session the store has no row for yet creates the row
+    // from its seed, so a later re-pin fences it too.
+    let fresh = ThreadWrite {
+        session_id: "s3".into(),
+        ..w(vec![e(1)], None)
+    };
+    assert_eq!(
+        s.append(&fresh, &Fence::Epoch(1), &row("s3", "a", 1))
+            .await
+            .unwrap(),
+        Appended::Head(1)
+    );
+    let got = s.session("s3").await.unwrap().unwrap();
+    assert_eq!((got.backend_id.as_str(), got.epoch), ("a", 1));
+    assert_eq!(s.repin(&row("s3", "b", 2), 1).await.unwrap(), Repin::Won);
+    assert!(matches!(
+        s.append(&fresh, &Fence::Epoch(1), &row("s3", "a", 1))
+            .await
+            .unwrap(),
+        Appended::Fenced { epoch: 2, .. }
+    ));
+
     // Restore log.
     let id = s
         .record_restore(&RestoreRow {
@@ -77,22 +142,28 @@ async fn suite(s: Arc<dyn Store>) {
             epoch: 2,
             from_backend: "a".into(),
             to_backend: "b".into(),
-            threads: 1,
-            outcome: "running".into(),
+            threads: 0,
+            outcome: RestoreOutcome::Running,
             started_at: 100,
             duration_ms: 0,
         })
         .await
         .unwrap();
-    s.finish_restore(id, "ok", 12).await.unwrap();
     assert_eq!(
-        s.restore_outcome("s1", 2).await.unwrap().as_deref(),
-        Some("ok")
+        s.restore_outcome("s1", 2).await.unwrap(),
+        Some(RestoreOutcome::Running)
+    );
+    s.finish_restore(id, RestoreOutcome::Restored, 12, 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.restore_outcome("s1", 2).await.unwrap(),
+        Some(RestoreOutcome::Restored)
     );
     assert_eq!(s.restore_outcome("s1", 3).await.unwrap(), None);
 
     // Janitor.
-    assert_eq!(s.expire(1001).await.unwrap(), 2);
+    assert_eq!(s.expire(1001).await.unwrap(), 3);
     assert!(s.session("s1").await.unwrap().is_none());
     assert!(s.threads("s1").await.unwrap().is_empty());
 }

@@ -2,38 +2,18 @@
 //! sent whole with `PUT`; the worker's existing thread always wins. Nothing
 //! here can delete, empty or overwrite a thread.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
+use tokio::time::Instant;
 
-use super::contract::{Contract, ContractError, Imported};
+use super::MoveError;
 use crate::backends::Backend;
-use crate::config::State;
-use crate::store::{Store, StoreError};
-
-/// Why a restore failed.
-#[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
-    /// The store could not be read.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The worker did not take a thread.
-    #[error(transparent)]
-    Contract(#[from] ContractError),
-    /// `state.restore_timeout` passed.
-    #[error("restore did not finish within {0:?}")]
-    Timeout(std::time::Duration),
-    /// No store is connected.
-    #[error("the store is unavailable")]
-    NoStore,
-    /// Another replica's restore failed or did not finish.
-    #[error("the restore by another replica did not complete")]
-    Elsewhere,
-}
+use crate::continuity::contract::Imported;
+use crate::continuity::Continuity;
+use crate::live::Live;
 
 /// What a restore did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Report {
+pub(crate) struct Report {
     /// Threads sent.
     pub threads: u64,
     /// Created on the worker (`201`).
@@ -44,23 +24,28 @@ pub struct Report {
     pub diverged: u64,
 }
 
-/// Sends every stored thread of `session` to `backend`.
-pub async fn restore_threads(
-    store: &Arc<dyn Store>,
-    contract: &Contract,
+/// Sends every stored thread of `session` to `backend` under `epoch`.
+pub(crate) async fn restore_threads(
+    c: &Continuity,
     backend: &Backend,
-    state: &State,
+    live: &Live,
     session: &str,
     epoch: u64,
-) -> Result<Report, RestoreError> {
+    deadline: Instant,
+) -> Result<Report, MoveError> {
+    let link = c.link();
+    let store = link.get()?;
     let mut report = Report::default();
-    for thread in store.threads(session).await? {
+    for thread in link.call(deadline, store.threads(session)).await? {
         if thread.seq == 0 {
             // Never send an empty thread: it could only create emptiness.
             continue;
         }
-        let bodies = store
-            .entries(session, &thread.thread_id, thread.seq)
+        let bodies = link
+            .call(
+                deadline,
+                store.entries(session, &thread.thread_id, thread.seq),
+            )
             .await?;
         if bodies.len() as u64 != thread.seq {
             // The head says T but fewer rows exist: send what is
@@ -71,15 +56,28 @@ pub async fn restore_threads(
             continue;
         }
         let body = import_body(bodies.len() as u64, &bodies, thread.state.as_deref());
-        let outcome = contract
-            .import(backend, state, session, epoch, &thread.thread_id, body)
-            .await?;
+        let outcome = c
+            .contract()
+            .import(
+                backend,
+                live,
+                session,
+                epoch,
+                &thread.thread_id,
+                body,
+                deadline,
+            )
+            .await
+            .map_err(|source| MoveError::Restore {
+                backend: backend.id.clone(),
+                source,
+            })?;
         report.threads += 1;
         match outcome {
             Imported::Created => report.created += 1,
             Imported::Merged => report.merged += 1,
             Imported::Diverged => {
-                tracing::info!(session, thread = %thread.thread_id, backend = %backend.id, "worker holds a divergent thread: kept as it is");
+                tracing::warn!(session, thread = %thread.thread_id, backend = %backend.id, "worker holds a divergent thread: kept as it is");
                 report.diverged += 1;
             }
         }
@@ -89,7 +87,7 @@ pub async fn restore_threads(
 
 /// `{"seq": T, "entries": [...], "state": ...}` from stored JSON texts,
 /// without re-parsing them.
-pub fn import_body(seq: u64, entries: &[String], state: Option<&str>) -> Bytes {
+pub(crate) fn import_body(seq: u64, entries: &[String], state: Option<&str>) -> Bytes {
     let len: usize = entries.iter().map(|e| e.len() + 1).sum::<usize>() + 64;
     let mut out = String::with_capacity(len + state.map_or(4, str::len));
     out.push_str("{\"seq\":");

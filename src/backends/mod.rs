@@ -1,18 +1,27 @@
-//! The worker set: each backend's identity, live state and counters.
+//! The workers: each backend's identity, live state and counters
+//! ([`Backend`]), an immutable snapshot of all of them ([`BackendSet`]) and
+//! the handle that rebuilds the snapshot when the config or discovery
+//! changes ([`WorkerSet`]).
 //!
-//! A [`BackendSet`] is immutable and swapped whole on reload; the
-//! [`Backend`]s inside are shared between sets (same id and url) so their
-//! health, instance and session counts survive a reload.
+//! The [`Backend`]s inside a set are shared between snapshots (same id and
+//! url) so their health, instance and session counts survive a reload.
 
-use std::collections::HashMap;
+mod set;
+mod workers;
+
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use http::uri::Authority;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::BackendConfig;
+use crate::upstream::Endpoint;
+
+pub use set::BackendSet;
+pub use workers::WorkerSet;
 
 /// A backend's state as shown to operators.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,8 +54,13 @@ pub struct Backend {
     pub url: http::Uri,
     /// `host:port` to connect to.
     pub authority: Authority,
+    /// Its upstream connections.
+    pub(crate) endpoint: Endpoint,
     weight: AtomicU32,
     probe_up: AtomicBool,
+    /// Woken when the worker stops being usable (probes, a refused
+    /// connection, an ejection): requests waiting on it give up at once.
+    lost: Notify,
     draining: AtomicBool,
     /// Draining since (for the drain timeout).
     drain_started: Mutex<Option<Instant>>,
@@ -73,9 +87,11 @@ impl Backend {
         Backend {
             id: cfg.id.clone(),
             url: cfg.url.clone(),
+            endpoint: Endpoint::new(authority.clone()),
             authority,
             weight: AtomicU32::new(cfg.weight.max(1)),
             probe_up: AtomicBool::new(true),
+            lost: Notify::new(),
             draining: AtomicBool::new(false),
             drain_started: Mutex::new(None),
             ejected_until_ms: AtomicU64::new(0),
@@ -129,7 +145,15 @@ impl Backend {
         self.probe_up.store(up, Ordering::Relaxed);
         if up {
             self.consecutive_failures.store(0, Ordering::Relaxed);
+        } else {
+            self.lost.notify_waiters();
         }
+    }
+
+    /// Resolves when the worker stops being usable. Create it before
+    /// checking [`Backend::is_usable`] so no transition is missed.
+    pub(crate) fn lost(&self) -> tokio::sync::futures::Notified<'_> {
+        self.lost.notified()
     }
 
     /// Active-probe verdict.
@@ -140,6 +164,7 @@ impl Backend {
     /// Marks the worker down at once (connection refused or reset).
     pub fn mark_down(&self) {
         self.probe_up.store(false, Ordering::Relaxed);
+        self.lost.notify_waiters();
     }
 
     /// Starts or stops draining.
@@ -167,6 +192,7 @@ impl Backend {
         let time = cooldown.saturating_mul(1 << k);
         let until = self.now_ms() + time.as_millis() as u64;
         self.ejected_until_ms.store(until.max(1), Ordering::Relaxed);
+        self.lost.notify_waiters();
         Some(time)
     }
 
@@ -218,49 +244,5 @@ impl Backend {
                 None
             }
         }
-    }
-}
-
-/// An immutable set of backends, indexed by id.
-#[derive(Debug, Default)]
-pub struct BackendSet {
-    list: Vec<Arc<Backend>>,
-    by_id: HashMap<String, usize>,
-}
-
-impl BackendSet {
-    /// Builds a set from config, reusing backends of `previous` whose id and
-    /// url are unchanged (their health and counters carry over).
-    pub fn build(configs: &[BackendConfig], previous: Option<&BackendSet>) -> BackendSet {
-        let mut list = Vec::with_capacity(configs.len());
-        let mut by_id = HashMap::with_capacity(configs.len());
-        for cfg in configs {
-            let reused = previous
-                .and_then(|p| p.get(&cfg.id))
-                .filter(|b| b.url == cfg.url)
-                .cloned();
-            if let Some(b) = &reused {
-                b.weight.store(cfg.weight.max(1), Ordering::Relaxed);
-            }
-            let backend = reused.unwrap_or_else(|| Arc::new(Backend::new(cfg)));
-            by_id.insert(cfg.id.clone(), list.len());
-            list.push(backend);
-        }
-        BackendSet { list, by_id }
-    }
-
-    /// The backend with this id.
-    pub fn get(&self, id: &str) -> Option<&Arc<Backend>> {
-        self.by_id.get(id).map(|&i| &self.list[i])
-    }
-
-    /// All backends in config order.
-    pub fn all(&self) -> &[Arc<Backend>] {
-        &self.list
-    }
-
-    /// Number of backends that are usable.
-    pub fn usable_count(&self) -> usize {
-        self.list.iter().filter(|b| b.is_usable()).count()
     }
 }

@@ -1,0 +1,456 @@
+//! The move: a session leaves its worker (lost, drained, removed or
+//! restarted empty) and lands on another one (or the restarted process)
+//! with its whole conversation restored there first.
+//!
+//! [`run`] drives the pure state machine in [`machine`] under ONE deadline
+//! (`state.restore_timeout`) that every await inherits: single-flight per
+//! session in this replica, then the session's pending captures, the
+//! compare-and-set on the pin's epoch that makes the move exactly-once
+//! across replicas, the restore, and the announcement. A worker the session
+//! left can no longer write into its history: every capture write is
+//! fenced by the pin it was taken under (see [`crate::store::Fence`]).
+
+mod machine;
+mod threads;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::affinity::{MoveReason, SessionId};
+use crate::backends::{Backend, BackendSet};
+use crate::balancer;
+use crate::config::State;
+use crate::continuity::contract::ContractError;
+use crate::continuity::overrides::Override;
+use crate::continuity::Continuity;
+use crate::live::Live;
+use crate::store::{Repin, RestoreRow, SessionRow, StoreError};
+use machine::{Captures, Cas, Facts, Failure, Step, Winner};
+
+pub use machine::RestoreOutcome;
+
+/// How often a replica that lost the re-pin race checks the winner's
+/// restore outcome.
+const FOLLOW_POLL: Duration = Duration::from_millis(25);
+
+/// A session leaving its worker.
+#[derive(Debug, Clone)]
+pub(crate) struct Move {
+    pub session: SessionId,
+    /// The worker the session leaves.
+    pub from: String,
+    /// The pin epoch it leaves: the compare-and-set expects it.
+    pub from_epoch: u64,
+    /// When the session was first pinned (Unix seconds).
+    pub issued_at: u64,
+    /// Why it moves (for logs).
+    pub reason: MoveReason,
+}
+
+/// Where the session landed.
+#[derive(Debug, Clone)]
+pub(crate) struct Landing {
+    pub backend: Arc<Backend>,
+    pub epoch: u64,
+    pub instance: String,
+    pub outcome: RestoreOutcome,
+}
+
+/// Why a move did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    /// `state.restore_timeout` passed.
+    #[error("the move did not finish within {0:?}")]
+    Timeout(Duration),
+    /// The store failed or is unreachable.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The new worker did not take a thread.
+    #[error("restore into worker {backend} failed")]
+    Restore {
+        /// The worker restored into.
+        backend: String,
+        /// The failed contract call.
+        #[source]
+        source: ContractError,
+    },
+    /// Turns tether saw acknowledged are not stored and may still come
+    /// back from the worker the session leaves.
+    #[error("{threads} thread(s) of the session have acknowledged turns the store lacks; waiting for worker {backend}")]
+    Incomplete {
+        /// The worker that holds them.
+        backend: String,
+        /// How many threads miss turns.
+        threads: usize,
+    },
+    /// Other replicas kept re-pinning, or no worker is left.
+    #[error("the re-pin did not settle (other replicas kept moving it, or no worker is left)")]
+    Contended,
+}
+
+/// Moves `mv.session` to `to`, restoring its threads first.
+pub(crate) async fn run(
+    c: &Continuity,
+    workers: &BackendSet,
+    live: &Live,
+    mv: &Move,
+    to: Arc<Backend>,
+) -> Result<Landing, MoveError> {
+    let started = Instant::now();
+    let deadline = started + live.config.state.restore_timeout;
+    let result = drive(c, workers, live, mv, to, deadline).await;
+    let secs = started.elapsed().as_secs_f64();
+    match &result {
+        Ok(landing) => c.metrics().restore(landing.outcome.as_str(), secs),
+        Err(MoveError::Incomplete { .. }) => c.metrics().restore("waiting", secs),
+        Err(_) => c.metrics().restore(RestoreOutcome::Failed.as_str(), secs),
+    }
+    result
+}
+
+/// The target of the next compare-and-set.
+struct Target {
+    backend: Arc<Backend>,
+    /// The epoch the store must still hold.
+    expected: u64,
+    /// The epoch the move writes.
+    epoch: u64,
+    /// The worker the session leaves.
+    from: String,
+    /// The winner's instance, when following another replica.
+    instance: Option<String>,
+}
+
+async fn drive(
+    c: &Continuity,
+    workers: &BackendSet,
+    live: &Live,
+    mv: &Move,
+    to: Arc<Backend>,
+    deadline: Instant,
+) -> Result<Landing, MoveError> {
+    let state = &live.config.state;
+    let ttl = live.lifetimes.ttl;
+    let flight = c.flight(mv.session);
+    let _one_at_a_time = tokio::time::timeout_at(deadline, flight.lock())
+        .await
+        .map_err(|_| MoveError::Timeout(state.restore_timeout))?;
+    // Another request of this session may have moved it while this one
+    // waited for the flight.
+    if let Some(landing) = already_moved(c, workers, mv) {
+        return Ok(landing);
+    }
+    let session = mv.session.to_hex();
+    let mut t = Target {
+        backend: to,
+        expected: mv.from_epoch,
+        epoch: mv.from_epoch.saturating_add(1),
+        from: mv.from.clone(),
+        instance: None,
+    };
+    let mut facts = Facts::new(state.on_restore_failure);
+    let mut restore_error = None;
+    let mut missing = 0;
+    loop {
+        facts.expired = Instant::now() >= deadline;
+        match machine::next(&facts) {
+            Step::CompleteCaptures => {
+                let (captures, n) = complete_captures(c, &session, state, deadline).await?;
+                facts.captures = Some(captures);
+                missing = n;
+            }
+            Step::CompareAndSet => {
+                facts.rounds += 1;
+                facts.cas =
+                    Some(compare_and_set(c, workers, &session, mv, ttl, &mut t, deadline).await?);
+                (facts.winner, facts.restored, facts.repicked) = (None, None, None);
+            }
+            Step::Restore => {
+                let outcome = if facts.partial() {
+                    RestoreOutcome::Partial
+                } else {
+                    RestoreOutcome::Restored
+                };
+                let restored = restore_into(c, live, &session, mv, &t, outcome, deadline).await;
+                facts.restored = Some(restored.is_ok());
+                restore_error = restored.err();
+            }
+            Step::FollowWinner => {
+                facts.winner = Some(follow_winner(c, &session, t.epoch, deadline).await?);
+            }
+            Step::Repick => {
+                // The winner's worker (`t.from` now) is gone here too.
+                let next = balancer::choose_repin(&mv.session.0, workers, Some(&t.from));
+                facts.repicked = Some(next.is_some());
+                if let Some(next) = next {
+                    t.epoch = t.expected.saturating_add(1);
+                    t.backend = next;
+                    t.instance = None;
+                }
+            }
+            Step::Done(outcome) => return Ok(land(c, mv, t, outcome, missing)),
+            Step::Fail(why) => {
+                return Err(match why {
+                    Failure::Timeout => MoveError::Timeout(state.restore_timeout),
+                    Failure::Incomplete => MoveError::Incomplete {
+                        backend: mv.from.clone(),
+                        threads: missing,
+                    },
+                    Failure::Restore => restore_error.unwrap_or(MoveError::Contended),
+                    Failure::Contended => MoveError::Contended,
+                })
+            }
+        }
+    }
+}
+
+/// The landing of a move another request of this session finished.
+fn already_moved(c: &Continuity, workers: &BackendSet, mv: &Move) -> Option<Landing> {
+    let o = c.overrides().get(mv.session)?;
+    if !o.restored || o.epoch <= mv.from_epoch {
+        return None;
+    }
+    let backend = workers.get(&o.backend).filter(|b| b.is_usable())?.clone();
+    Some(Landing {
+        backend,
+        epoch: o.epoch,
+        instance: o.instance,
+        outcome: RestoreOutcome::Followed,
+    })
+}
+
+/// Pulls the session's pending captures into the store (its buffered ones
+/// first), then compares what is stored with what was acknowledged.
+/// Returns the verdict and how many threads miss turns.
+async fn complete_captures(
+    c: &Continuity,
+    session: &str,
+    state: &State,
+    deadline: Instant,
+) -> Result<(Captures, usize), MoveError> {
+    if !c.flush(Some(session), deadline).await {
+        // Buffered turns cannot reach the store: restoring now would miss
+        // them, and the store is down anyway.
+        return Err(MoveError::Store(StoreError::Unavailable));
+    }
+    // The worker the session leaves is lost or going: give its pulls half
+    // of what is left, so a hung worker still leaves time to decide.
+    let now = Instant::now();
+    let pulls_until = now + deadline.saturating_duration_since(now) / 2;
+    let ledger = c.ledger();
+    let pulls = ledger.take_session(session);
+    for (key, source) in pulls.taken {
+        let pulled = c.pull(&key, &source, pulls_until).await;
+        ledger.done(&key, pulled);
+    }
+    for (key, source) in pulls.idle {
+        if Instant::now() >= pulls_until {
+            break;
+        }
+        let pulled = c.pull(&key, &source, pulls_until).await;
+        ledger.done(&key, pulled);
+    }
+    while ledger.running(session) > 0 && Instant::now() < pulls_until {
+        let _ = tokio::time::timeout_at(pulls_until, ledger.settled()).await;
+    }
+    let link = c.link();
+    let store = link.get()?;
+    let heads = link.call(deadline, store.threads(session)).await?;
+    let head = |t: &str| heads.iter().find(|h| h.thread_id == t).map_or(0, |h| h.seq);
+    let missing: Vec<_> = ledger
+        .pending(session)
+        .into_iter()
+        .filter(|p| p.acked > head(&p.thread))
+        .collect();
+    if missing.is_empty() {
+        return Ok((Captures::Complete, 0));
+    }
+    let threads: Vec<Arc<str>> = missing.iter().map(|p| p.thread.clone()).collect();
+    let since = ledger.missing_since(session, &threads, Instant::now());
+    let certain = missing.iter().all(|p| p.lost);
+    let overdue = since.elapsed() >= state.partial_after;
+    for p in &missing {
+        tracing::info!(session, thread = %p.thread, acknowledged = p.acked, stored = head(&p.thread), holder = %p.source.backend, lost = p.lost, "acknowledged turns not in the store");
+    }
+    Ok((Captures::Missing { certain, overdue }, missing.len()))
+}
+
+/// One compare-and-set round; updates the target when another move won.
+async fn compare_and_set(
+    c: &Continuity,
+    workers: &BackendSet,
+    session: &str,
+    mv: &Move,
+    ttl: Duration,
+    t: &mut Target,
+    deadline: Instant,
+) -> Result<Cas, MoveError> {
+    let now = c.now_unix();
+    let row = SessionRow {
+        session_id: session.to_owned(),
+        backend_id: t.backend.id.clone(),
+        instance: t.backend.instance().unwrap_or_default(),
+        epoch: t.epoch,
+        created_at: mv.issued_at,
+        last_seen: now,
+        expires_at: mv.issued_at + ttl.as_secs(),
+    };
+    let link = c.link();
+    let store = link.get()?;
+    let winner = match link.call(deadline, store.repin(&row, t.expected)).await? {
+        Repin::Won => return Ok(Cas::Won),
+        Repin::Lost(w) => w,
+    };
+    if winner.epoch < t.expected {
+        // The store is behind this pin (its writes were dropped): replace
+        // the epoch it holds.
+        t.expected = winner.epoch;
+        return Ok(Cas::Behind);
+    }
+    t.expected = winner.epoch;
+    t.epoch = winner.epoch;
+    match workers.get(&winner.backend_id).filter(|b| b.is_usable()) {
+        Some(b) => {
+            t.backend = b.clone();
+            t.instance = Some(winner.instance);
+            Ok(Cas::LostToUsable)
+        }
+        None => {
+            // The next round moves the session on from the winner's worker.
+            t.from = winner.backend_id;
+            Ok(Cas::LostToGone)
+        }
+    }
+}
+
+/// This move won: restore, log it, and tell the other replicas.
+async fn restore_into(
+    c: &Continuity,
+    live: &Live,
+    session: &str,
+    mv: &Move,
+    t: &Target,
+    done: RestoreOutcome,
+    deadline: Instant,
+) -> Result<(), MoveError> {
+    let link = c.link();
+    let store = link.get()?;
+    let started = Instant::now();
+    let log = RestoreRow {
+        session_id: session.to_owned(),
+        epoch: t.epoch,
+        from_backend: t.from.clone(),
+        to_backend: t.backend.id.clone(),
+        threads: 0,
+        outcome: RestoreOutcome::Running,
+        started_at: c.now_unix(),
+        duration_ms: 0,
+    };
+    let log_id = link.call(deadline, store.record_restore(&log)).await?;
+    let result = threads::restore_threads(c, &t.backend, live, session, t.epoch, deadline).await;
+    let ms = started.elapsed().as_millis() as u64;
+    let (outcome, sent) = match &result {
+        Ok(r) => (done, r.threads),
+        Err(_) => (RestoreOutcome::Failed, 0),
+    };
+    // Logged past the deadline too: followers wait for this row.
+    let log_deadline = Instant::now() + Duration::from_secs(2);
+    if let Err(e) = link
+        .call(
+            log_deadline,
+            store.finish_restore(log_id, outcome, ms, sent),
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "cannot log the restore outcome");
+    }
+    let report = result?;
+    tracing::info!(
+        session,
+        from = %t.from,
+        to = %t.backend.id,
+        reason = mv.reason.as_str(),
+        epoch = t.epoch,
+        threads = report.threads,
+        created = report.created,
+        merged = report.merged,
+        kept = report.diverged,
+        duration_ms = ms,
+        "restored"
+    );
+    let row = SessionRow {
+        session_id: session.to_owned(),
+        backend_id: t.backend.id.clone(),
+        instance: t.backend.instance().unwrap_or_default(),
+        epoch: t.epoch,
+        created_at: mv.issued_at,
+        last_seen: c.now_unix(),
+        expires_at: 0,
+    };
+    if let Err(e) = link.call(log_deadline, store.announce(&row)).await {
+        tracing::warn!(error = %e, "cannot announce the re-pin");
+    }
+    Ok(())
+}
+
+/// Another replica won the re-pin: wait (at most half of what is left) for
+/// its restore outcome.
+async fn follow_winner(
+    c: &Continuity,
+    session: &str,
+    epoch: u64,
+    deadline: Instant,
+) -> Result<Winner, MoveError> {
+    let now = Instant::now();
+    let until = now + deadline.saturating_duration_since(now) / 2;
+    let link = c.link();
+    let store = link.get()?;
+    loop {
+        match link
+            .call(deadline, store.restore_outcome(session, epoch))
+            .await?
+        {
+            Some(RestoreOutcome::Restored | RestoreOutcome::Partial | RestoreOutcome::Followed) => {
+                return Ok(Winner::Done)
+            }
+            Some(RestoreOutcome::Failed) => return Ok(Winner::NotDone),
+            Some(RestoreOutcome::Running) | None if Instant::now() >= until => {
+                return Ok(Winner::NotDone)
+            }
+            Some(RestoreOutcome::Running) | None => tokio::time::sleep(FOLLOW_POLL).await,
+        }
+    }
+}
+
+/// The move is over: remember the new pin, settle the ledger.
+fn land(c: &Continuity, mv: &Move, t: Target, outcome: RestoreOutcome, missing: usize) -> Landing {
+    let instance = t
+        .instance
+        .unwrap_or_else(|| t.backend.instance().unwrap_or_default());
+    c.overrides().offer(
+        mv.session,
+        Override {
+            epoch: t.epoch,
+            backend: t.backend.id.clone(),
+            instance: instance.clone(),
+            restored: true,
+        },
+    );
+    // What was acknowledged before the move is now stored, or reported
+    // missing (once) with this partial restore.
+    c.ledger().settle_session(&mv.session.to_hex());
+    if outcome == RestoreOutcome::Partial {
+        tracing::warn!(session = %mv.session, from = %mv.from, to = %t.backend.id, threads = missing, "restored without acknowledged turns that never reached the store");
+    }
+    Landing {
+        backend: t.backend,
+        epoch: t.epoch,
+        instance,
+        outcome,
+    }
+}
