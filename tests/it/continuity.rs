@@ -6,9 +6,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
@@ -32,56 +29,6 @@ fn texts(v: &Value) -> Vec<String> {
         .iter()
         .map(|e| e["text"].as_str().unwrap().to_owned())
         .collect()
-}
-
-async fn metric(t: &Tether, name: &str) -> f64 {
-    let text = plain()
-        .get(t.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let lines = text.lines().map(|l| Ok(l.to_owned()));
-    let m = prometheus_parse::Scrape::parse(lines).unwrap();
-    m.samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(x)
-            | prometheus_parse::Value::Gauge(x)
-            | prometheus_parse::Value::Untyped(x) => x,
-            _ => 0.0,
-        })
-        .sum()
-}
-
-/// Waits until the tethers have stored `n` entries.
-async fn captured(ts: &[&Tether], n: f64) {
-    for _ in 0..400 {
-        let mut sum = 0.0;
-        for t in ts {
-            sum += metric(t, "tether_captured_entries_total").await;
-        }
-        if sum >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let text = plain()
-        .get(ts[0].admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let interesting: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("capture") || l.contains("store"))
-        .collect();
-    panic!("fewer than {n} entries captured: {interesting:#?}");
 }
 
 #[tokio::test]
@@ -259,11 +206,6 @@ async fn a_reply_seen_only_on_the_change_feed_is_captured_and_restored() {
     t.stop().await;
 }
 
-fn pg_url(pool: &sqlx::PgPool) -> String {
-    let db = pool.connect_options().get_database().unwrap().to_owned();
-    format!("postgres://postgres@127.0.0.1:5432/{db}")
-}
-
 #[sqlx::test(migrations = false)]
 async fn two_replicas_route_alike_and_restore_exactly_once(pool: sqlx::PgPool) {
     let (a, b, c) = (
@@ -363,59 +305,12 @@ async fn header_keyed_conversations_route_alike_across_replicas_and_survive_a_ki
     t2.stop().await;
 }
 
-/// A TCP relay to PostgreSQL that can be cut: the store becomes unreachable
-/// for tether while the shared server keeps serving other tests.
-struct Relay {
-    addr: std::net::SocketAddr,
-    cut: tokio::sync::watch::Sender<bool>,
-    stop: CancellationToken,
-}
-
-impl Relay {
-    async fn start() -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (cut, cut_rx) = tokio::sync::watch::channel(false);
-        let stop = CancellationToken::new();
-        let stop2 = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut inbound, _) = tokio::select! {
-                    _ = stop2.cancelled() => return,
-                    r = listener.accept() => r.unwrap(),
-                };
-                if *cut_rx.borrow() {
-                    let _ = inbound.shutdown().await;
-                    continue;
-                }
-                let mut rx = cut_rx.clone();
-                tokio::spawn(async move {
-                    let Ok(mut out) = TcpStream::connect("127.0.0.1:5432").await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
-                        _ = rx.wait_for(|c| *c) => {}
-                    }
-                });
-            }
-        });
-        Relay { addr, cut, stop }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
 #[sqlx::test(migrations = false)]
 async fn store_outage_keeps_pinned_users_served_and_capture_catches_up(pool: sqlx::PgPool) {
     let a = Ref::start("a").await;
     let relay = Relay::start().await;
     let db = pool.connect_options().get_database().unwrap().to_owned();
-    let url = format!("postgres://postgres@{}/{db}", relay.addr);
+    let url = relay.url(&db);
     let text = ref_config(&[&a], FAST)
         + &format!("\n[state]\nstore = \"{url}\"\nrestore_timeout = \"1s\"\n");
     let t = Tether::start(&text).await;
@@ -424,7 +319,7 @@ async fn store_outage_keeps_pinned_users_served_and_capture_catches_up(pool: sql
     let session = v["session"].as_str().unwrap().to_owned();
     captured(&[&t], 2.0).await;
 
-    relay.cut.send(true).unwrap();
+    relay.cut();
     for m in ["down1", "down2", "down3"] {
         say(&client, &t.url(""), m).await;
     }
@@ -440,7 +335,7 @@ async fn store_outage_keeps_pinned_users_served_and_capture_catches_up(pool: sql
         ready["ready"], true,
         "a store outage must not make tether unready"
     );
-    relay.cut.send(false).unwrap();
+    relay.heal();
 
     for _ in 0..600 {
         let (n, max): (i64, Option<i64>) = sqlx::query_as(

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod refworker;
+pub mod relay;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use tether::config::Config;
 use tether::server::Handle;
 
 pub use refworker::{ref_config, Ref};
+pub use relay::Relay;
 pub use worker::Worker;
 
 /// A fixed test cookie key (base64 of 32 bytes).
@@ -205,4 +207,69 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, mut cond: F) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("timed out waiting for {what}");
+}
+
+/// The sum of every sample of metric `name` on tether's admin `/metrics`
+/// (0 when absent).
+pub async fn metric(t: &Tether, name: &str) -> f64 {
+    metric_opt(t, name).await.unwrap_or(0.0)
+}
+
+/// The sum of every sample of metric `name`, or `None` when tether does not
+/// export it at all.
+pub async fn metric_opt(t: &Tether, name: &str) -> Option<f64> {
+    let text = plain()
+        .get(t.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let m = prometheus_parse::Scrape::parse(lines).unwrap();
+    let mut found = None;
+    for s in m.samples.iter().filter(|s| s.metric == name) {
+        let x = match s.value {
+            prometheus_parse::Value::Counter(x)
+            | prometheus_parse::Value::Gauge(x)
+            | prometheus_parse::Value::Untyped(x) => x,
+            _ => 0.0,
+        };
+        *found.get_or_insert(0.0) += x;
+    }
+    found
+}
+
+/// Waits until the tethers have stored `n` entries.
+pub async fn captured(ts: &[&Tether], n: f64) {
+    for _ in 0..400 {
+        let mut sum = 0.0;
+        for t in ts {
+            sum += metric(t, "tether_captured_entries_total").await;
+        }
+        if sum >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let text = plain()
+        .get(ts[0].admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let interesting: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("capture") || l.contains("store"))
+        .collect();
+    panic!("fewer than {n} entries captured: {interesting:#?}");
+}
+
+/// The URL of the test's own PostgreSQL database.
+pub fn pg_url(pool: &sqlx::PgPool) -> String {
+    let db = pool.connect_options().get_database().unwrap().to_owned();
+    format!("postgres://postgres@127.0.0.1:5432/{db}")
 }
