@@ -1,11 +1,20 @@
 //! A mock worker: a small real HTTP server on 127.0.0.1:0 that records what
 //! it receives and can fail, hang or die on command.
+//!
+//! Query switches: `?ms=N` sleeps N ms before answering; `?die=ID` (worker
+//! ID reads the request, then drops every connection and hangs);
+//! `?reset=1` reads the request, then resets just its connection (RST).
+//! [`Worker::set_close_second`] makes the worker read the second request of
+//! every connection and close that connection unanswered.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,10 +26,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tether::proxy::body::{full, BoxError, ProxyBody};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
 
 /// One request as the worker saw it.
 #[derive(Debug, Clone)]
@@ -46,6 +57,7 @@ pub struct Worker {
     state: Arc<Mutex<State>>,
     status: Arc<AtomicU16>,
     health: Arc<AtomicU16>,
+    close_second: Arc<AtomicBool>,
     tasks: Option<JoinSet<()>>,
     conns: Arc<Mutex<JoinSet<()>>>,
 }
@@ -71,6 +83,7 @@ impl Worker {
         let addr = listener.local_addr().unwrap();
         let status = Arc::new(AtomicU16::new(200));
         let health = Arc::new(AtomicU16::new(200));
+        let close_second = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(Mutex::new(JoinSet::new()));
         let mut tasks = JoinSet::new();
         let ctl = Ctl {
@@ -78,7 +91,9 @@ impl Worker {
             state: state.clone(),
             status: status.clone(),
             health: health.clone(),
+            close_second: close_second.clone(),
             conns: conns.clone(),
+            conn: Conn::default(),
         };
         let conns2 = conns.clone();
         tasks.spawn(async move {
@@ -86,15 +101,28 @@ impl Worker {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let ctl = ctl.clone();
+                // Each connection gets its own switches (close, reset, count).
+                let ctl = Ctl {
+                    conn: Conn::default(),
+                    ..ctl.clone()
+                };
                 conns2.lock().unwrap().spawn(async move {
+                    let conn = ctl.conn.clone();
+                    let io = ConnIo {
+                        inner: stream,
+                        reset: conn.reset.clone(),
+                    };
                     let svc = service_fn(move |req| {
                         let ctl = ctl.clone();
                         async move { Ok::<_, Infallible>(handle(&ctl, req).await) }
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                        .await;
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let serve = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+                    tokio::select! {
+                        _ = serve => {}
+                        // Dropping the connection closes (or resets) it.
+                        _ = conn.close.cancelled() => {}
+                    }
                 });
             }
         });
@@ -104,6 +132,7 @@ impl Worker {
             state,
             status,
             health,
+            close_second,
             tasks: Some(tasks),
             conns,
         }
@@ -142,6 +171,13 @@ impl Worker {
     /// Makes health probes answer `status`.
     pub fn set_health(&self, status: u16) {
         self.health.store(status, Ordering::SeqCst);
+    }
+
+    /// On: every connection's first request is answered (keep-alive), its
+    /// second is read and the connection closed without an answer (a
+    /// keep-alive timeout racing a new request). Health probes are exempt.
+    pub fn set_close_second(&self, on: bool) {
+        self.close_second.store(on, Ordering::SeqCst);
     }
 
     /// Requests received on `path`.
@@ -193,7 +229,74 @@ struct Ctl {
     state: Arc<Mutex<State>>,
     status: Arc<AtomicU16>,
     health: Arc<AtomicU16>,
+    close_second: Arc<AtomicBool>,
     conns: Arc<Mutex<JoinSet<()>>>,
+    conn: Conn,
+}
+
+/// One connection's switches.
+#[derive(Clone, Default)]
+struct Conn {
+    /// Cancelled: the connection is dropped unanswered.
+    close: CancellationToken,
+    /// Set: the drop is a reset (RST), not an orderly close.
+    reset: Arc<AtomicBool>,
+    /// Requests (health probes excluded) received on it.
+    requests: Arc<AtomicUsize>,
+}
+
+/// The connection's socket; resets instead of closing when asked to.
+struct ConnIo {
+    inner: TcpStream,
+    reset: Arc<AtomicBool>,
+}
+
+impl Drop for ConnIo {
+    fn drop(&mut self) {
+        if self.reset.load(Ordering::SeqCst) {
+            let _ = self.inner.set_zero_linger();
+        }
+    }
+}
+
+impl AsyncRead for ConnIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ConnIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 async fn handle(ctl: &Ctl, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -231,7 +334,27 @@ async fn handle(ctl: &Ctl, req: Request<Incoming>) -> Response<ProxyBody> {
     }
     let (parts, body) = req.into_parts();
     let _ = parts;
-    let body = if q.get("die").map(String::as_str) == Some(id) {
+    let nth = if path == "/health" {
+        0
+    } else {
+        ctl.conn.requests.fetch_add(1, Ordering::SeqCst) + 1
+    };
+    let reset = q.get("reset").map(String::as_str) == Some("1");
+    let close = nth >= 2 && ctl.close_second.load(Ordering::SeqCst);
+    let body = if reset || close {
+        // Read the request, then drop just this connection unanswered.
+        let _ = body.collect().await;
+        state.lock().unwrap().seen.push(Seen {
+            method,
+            path,
+            headers,
+            body: Bytes::new(),
+        });
+        ctl.conn.reset.store(reset, Ordering::SeqCst);
+        ctl.conn.close.cancel();
+        std::future::pending::<()>().await;
+        unreachable!()
+    } else if q.get("die").map(String::as_str) == Some(id) {
         // Read the request, then die: every connection drops unanswered.
         let _ = body.collect().await;
         state.lock().unwrap().seen.push(Seen {
