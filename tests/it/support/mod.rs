@@ -3,8 +3,10 @@
 
 #![allow(dead_code)]
 
+pub mod proc;
 pub mod refworker;
 pub mod relay;
+pub mod turns;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -17,8 +19,10 @@ use tether::clock::{Clock, SystemClock};
 use tether::config::Config;
 use tether::server::Handle;
 
+pub use proc::{proc_config, WorkerProc};
 pub use refworker::{ref_config, Ref};
 pub use relay::Relay;
+pub use turns::Chat;
 pub use worker::Worker;
 
 /// A fixed test cookie key (base64 of 32 bytes).
