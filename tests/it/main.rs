@@ -9,6 +9,7 @@ mod affinity;
 mod binary;
 mod continuity;
 mod edge;
+mod faults;
 mod forwarding;
 mod health;
 mod tls;
