@@ -25,7 +25,7 @@ type AdminResponse = Response<Full<Bytes>>;
 
 /// What the admin API reads and controls.
 #[derive(Debug, Clone)]
-pub struct Admin {
+pub(crate) struct Admin {
     /// The config generation (the admin token).
     pub live: SharedLive,
     /// The workers (state, drain).
@@ -37,7 +37,7 @@ pub struct Admin {
 }
 
 /// Serves the admin API until `cancel`.
-pub async fn serve(listener: TcpListener, proxy: Admin, cancel: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, proxy: Admin, cancel: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
             _ = cancel.cancelled() => return,

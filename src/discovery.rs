@@ -13,7 +13,7 @@ use crate::health::Health;
 use crate::live::SharedLive;
 
 /// The backends for `addrs`, sorted so an unchanged answer is unchanged.
-pub fn backends_for(addrs: &BTreeSet<SocketAddr>) -> Vec<BackendConfig> {
+pub(crate) fn backends_for(addrs: &BTreeSet<SocketAddr>) -> Vec<BackendConfig> {
     addrs
         .iter()
         .filter_map(|a| {
@@ -28,7 +28,12 @@ pub fn backends_for(addrs: &BTreeSet<SocketAddr>) -> Vec<BackendConfig> {
 }
 
 /// Runs until `cancel`, swapping the worker set when the answer changes.
-pub async fn run(workers: WorkerSet, live: SharedLive, health: Health, cancel: CancellationToken) {
+pub(crate) async fn run(
+    workers: WorkerSet,
+    live: SharedLive,
+    health: Health,
+    cancel: CancellationToken,
+) {
     let mut last: Option<BTreeSet<SocketAddr>> = None;
     loop {
         let Some(d) = live.load().config.discovery.clone() else {

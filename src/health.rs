@@ -19,7 +19,7 @@ mod tests;
 
 /// A verdict change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     /// `fall` failures in a row: down.
     Down,
     /// `rise` successes in a row: up.
@@ -28,24 +28,24 @@ pub enum Transition {
 
 /// HAProxy-style rise/fall counting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Counter {
+pub(crate) struct Counter {
     up: bool,
     run: u32,
 }
 
 impl Counter {
     /// A counter in the given state.
-    pub fn new(up: bool) -> Counter {
+    pub(crate) fn new(up: bool) -> Counter {
         Counter { up, run: 0 }
     }
 
     /// Whether the worker counts as up.
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.up
     }
 
     /// Records one probe; returns the transition it caused, if any.
-    pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> Option<Transition> {
+    pub(crate) fn record(&mut self, ok: bool, rise: u32, fall: u32) -> Option<Transition> {
         if ok == self.up {
             // A result that agrees with the state breaks the opposite run.
             self.run = 0;
@@ -64,7 +64,7 @@ impl Counter {
 
 /// The probe tasks, kept in step with the worker set.
 #[derive(Debug, Clone)]
-pub struct Health {
+pub(crate) struct Health {
     workers: WorkerSet,
     live: SharedLive,
     upstream: Upstream,
@@ -75,7 +75,7 @@ pub struct Health {
 
 impl Health {
     /// Starts a probe task for every worker.
-    pub fn start(
+    pub(crate) fn start(
         workers: WorkerSet,
         live: SharedLive,
         upstream: Upstream,
@@ -95,7 +95,7 @@ impl Health {
     }
 
     /// Starts tasks for new workers and stops those of removed ones.
-    pub fn sync(&self) {
+    pub(crate) fn sync(&self) {
         let set = self.workers.snapshot();
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         let current: HashMap<usize, Arc<Backend>> = set

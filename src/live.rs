@@ -12,7 +12,7 @@ use crate::config::Config;
 
 /// One config generation.
 #[derive(Debug)]
-pub struct Live {
+pub(crate) struct Live {
     /// The validated config.
     pub config: Arc<Config>,
     /// Cookie codec over the configured keys.
@@ -22,11 +22,11 @@ pub struct Live {
 }
 
 /// The shared, swappable config generation.
-pub type SharedLive = Arc<ArcSwap<Live>>;
+pub(crate) type SharedLive = Arc<ArcSwap<Live>>;
 
 impl Live {
     /// The generation for `config`.
-    pub fn new(config: Arc<Config>) -> Live {
+    pub(crate) fn new(config: Arc<Config>) -> Live {
         let a = &config.affinity;
         Live {
             codec: Codec::new(&a.keys, &a.cookie),
@@ -40,7 +40,7 @@ impl Live {
     }
 
     /// A shared handle on the generation for `config`.
-    pub fn shared(config: Arc<Config>) -> SharedLive {
+    pub(crate) fn shared(config: Arc<Config>) -> SharedLive {
         Arc::new(ArcSwap::from_pointee(Live::new(config)))
     }
 }

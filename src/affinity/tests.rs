@@ -169,3 +169,64 @@ fn pin_table_is_bounded() {
     // The most recent key survives eviction.
     assert!(t.get("key-999").is_some());
 }
+
+/// Live-session counts per worker follow the pins' lives: the janitor's
+/// sweep (on the clock the pins use) forgets expired sessions and pins,
+/// so least-sessions balancing and `/backends` see live counts.
+#[test]
+fn the_sweep_keeps_per_worker_counts_live() {
+    use std::sync::Arc;
+
+    use crate::backends::Backend;
+    use crate::clock::{Clock, ManualClock};
+    use crate::config::BackendConfig;
+
+    let clock = ManualClock::new(1_800_000_000);
+    let backend = |id: &str| {
+        Arc::new(Backend::new(&BackendConfig {
+            id: id.into(),
+            url: "http://127.0.0.1:9".parse().unwrap(),
+            weight: 1,
+        }))
+    };
+    let (a, b) = (backend("a"), backend("b"));
+    let lifetimes = Lifetimes {
+        ttl: Duration::from_secs(3600),
+        idle_timeout: Some(Duration::from_secs(600)),
+        refresh: Duration::from_secs(60),
+    };
+    let s = sessions::Sessions::new(1000);
+    let now = clock.now_unix();
+    for i in 0..10u8 {
+        let id = SessionId([i; 16]);
+        // Half idle-expire in 600 s, half are refreshed later.
+        s.touch(id, if i % 2 == 0 { &a } else { &b }, now + 600, now);
+    }
+    s.touch(SessionId([0; 16]), &b, now + 600, now); // moved a -> b
+    assert_eq!((a.sessions(), b.sessions()), (4, 6));
+    s.set_pin("conv-1", pin(now));
+
+    clock.advance(300);
+    let later = clock.now_unix();
+    for i in [1u8, 3] {
+        s.touch(SessionId([i; 16]), &b, later + 600, later);
+    }
+    assert_eq!(
+        s.sweep(clock.now_unix(), &lifetimes),
+        0,
+        "nothing expired yet"
+    );
+
+    clock.advance(301);
+    assert_eq!(s.sweep(clock.now_unix(), &lifetimes), 8);
+    assert_eq!(
+        (a.sessions(), b.sessions()),
+        (0, 2),
+        "only the refreshed two live"
+    );
+    assert!(
+        s.pin("conv-1").is_none(),
+        "an idle request-key pin is forgotten too"
+    );
+    assert_eq!(s.len(), 2);
+}

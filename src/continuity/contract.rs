@@ -85,7 +85,7 @@ pub(crate) enum ContractError {
 
 /// What an import (`PUT`) came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Imported {
+pub(crate) enum Imported {
     /// `201`: the worker had no such thread.
     Created,
     /// `200`: it already held it, or appended the missing tail.
@@ -96,7 +96,7 @@ pub enum Imported {
 
 /// What an export found.
 #[derive(Debug)]
-pub enum Exported {
+pub(crate) enum Exported {
     /// The worker's thread.
     Thread(Export),
     /// A typed `404 {"code":"thread_not_found"}`.
@@ -105,7 +105,7 @@ pub enum Exported {
 
 /// A thread export (`GET …/threads/T?after=N`).
 #[derive(Debug, Deserialize)]
-pub struct Export {
+pub(crate) struct Export {
     /// Entries after `N`, raw JSON each.
     pub entries: Vec<Box<serde_json::value::RawValue>>,
     /// Opaque state.
@@ -115,7 +115,7 @@ pub struct Export {
 
 /// One change-feed answer.
 #[derive(Debug, Deserialize)]
-pub struct Changes {
+pub(crate) struct Changes {
     /// Cursor for the next poll.
     pub cursor: serde_json::Value,
     /// Changed threads.
@@ -125,7 +125,7 @@ pub struct Changes {
 
 /// A changed thread.
 #[derive(Debug, Deserialize)]
-pub struct Change {
+pub(crate) struct Change {
     /// Session id.
     pub session: String,
     /// Thread id.
@@ -148,7 +148,7 @@ struct Call<'a> {
 /// The client for contract calls: the same verified upstream connections
 /// as forwarded requests.
 #[derive(Debug, Clone)]
-pub struct Contract {
+pub(crate) struct Contract {
     upstream: Upstream,
 }
 
@@ -234,7 +234,7 @@ impl Contract {
     /// `GET {path}/threads/{thread}?after={after}` on the process `expect`
     /// (when known).
     #[allow(clippy::too_many_arguments)]
-    pub async fn export(
+    pub(crate) async fn export(
         &self,
         backend: &Backend,
         live: &Live,
@@ -286,7 +286,7 @@ impl Contract {
     /// `PUT {path}/threads/{thread}` with the whole stored thread. Only a
     /// typed answer counts; anything else is a failed import.
     #[allow(clippy::too_many_arguments)]
-    pub async fn import(
+    pub(crate) async fn import(
         &self,
         backend: &Backend,
         live: &Live,
@@ -330,7 +330,7 @@ impl Contract {
 
     /// One long poll of the change feed; `None` when the worker has none
     /// (`404`).
-    pub async fn changes(
+    pub(crate) async fn changes(
         &self,
         backend: &Backend,
         live: &Live,
@@ -390,7 +390,7 @@ fn is_thread_not_found(body: &[u8]) -> bool {
 }
 
 /// Percent-encodes a path segment or query value (RFC 3986 unreserved kept).
-pub fn encode(s: &str) -> String {
+pub(crate) fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {

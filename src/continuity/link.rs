@@ -15,7 +15,7 @@ use crate::store::{Store, StoreError};
 
 /// The store's state as operators see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreState {
+pub(crate) enum StoreState {
     /// The last call worked.
     Connected,
     /// Connected once, but the last call failed or timed out.
@@ -26,7 +26,7 @@ pub enum StoreState {
 
 impl StoreState {
     /// Stable label.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             StoreState::Connected => "connected",
             StoreState::Degraded => "degraded",

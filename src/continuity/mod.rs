@@ -39,11 +39,11 @@ use overrides::{Override, Overrides};
 use writer::SessionWriter;
 
 pub(crate) use link::StoreLink;
-pub use link::StoreState;
+pub(crate) use link::StoreState;
 
 /// The continuity handle; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Continuity(Arc<Inner>);
+pub(crate) struct Continuity(Arc<Inner>);
 
 #[derive(Debug)]
 struct Inner {
@@ -52,6 +52,9 @@ struct Inner {
     overrides: Overrides,
     capture: CaptureQueue,
     buffer: OutageBuffer,
+    /// One flush of the outage buffer at a time: a move that flushes its
+    /// session's captures waits for a flush that already took them.
+    flushing: tokio::sync::Mutex<()>,
     writer: SessionWriter,
     contract: Contract,
     workers: WorkerSet,
@@ -77,6 +80,7 @@ impl Continuity {
             overrides: Overrides::new(limits.max_sessions),
             capture: CaptureQueue::new(state.queue),
             buffer: OutageBuffer::new(state.buffer_bytes),
+            flushing: tokio::sync::Mutex::new(()),
             writer: SessionWriter::new(state.queue),
             contract,
             workers,
@@ -138,17 +142,17 @@ impl Continuity {
     }
 
     /// The store's state.
-    pub fn store_state(&self) -> StoreState {
+    pub(crate) fn store_state(&self) -> StoreState {
         self.0.link.state()
     }
 
     /// The store's kind (`postgres`, `sqlite`), once connected.
-    pub fn store_kind(&self) -> Option<&'static str> {
+    pub(crate) fn store_kind(&self) -> Option<&'static str> {
         self.0.link.get().ok().map(|s| s.kind())
     }
 
     /// The scrape-time gauges.
-    pub fn gauges(&self) -> ContinuityGauges {
+    pub(crate) fn gauges(&self) -> ContinuityGauges {
         let (buffered, buffered_bytes) = self.0.buffer.usage();
         ContinuityGauges {
             capture_queue: self.0.capture.len(),
@@ -216,8 +220,15 @@ impl Continuity {
     ) -> Result<Pulled, CaptureError> {
         let live = self.0.live.load_full();
         let link = &self.0.link;
+        // A degraded store is not waited on: the pull must reach the worker
+        // while it still answers, and its result waits in the buffer.
         let stored = match link.get() {
-            Ok(store) => link.call(deadline, store.thread_seq(&key.0, &key.1)).await,
+            Ok(store) if link.state() == StoreState::Connected => {
+                let now = Instant::now();
+                let until = now + deadline.saturating_duration_since(now) / 3;
+                link.call(until, store.thread_seq(&key.0, &key.1)).await
+            }
+            Ok(_) => Err(crate::store::StoreError::Unavailable),
             Err(e) => Err(e),
         };
         let stored = match stored {
@@ -225,8 +236,8 @@ impl Continuity {
                 self.0.buffer.note_head(key, head);
                 head
             }
-            // The store is down: ask for what is new since the last head we
-            // know (or the whole thread; the store ignores duplicates).
+            // Ask for what is new since the last head we know (or the
+            // whole thread; the store ignores duplicates).
             Err(_) => self.0.buffer.known_head(key).unwrap_or(0),
         };
         let workers = self.0.workers.load();
@@ -283,14 +294,14 @@ impl Continuity {
         source: &Source,
         deadline: Instant,
     ) -> Result<Written, CaptureError> {
-        let result = match self.0.link.get() {
-            Ok(store) => {
+        let link = &self.0.link;
+        let result = match link.get() {
+            Ok(store) if link.state() == StoreState::Connected => {
                 let seed = self.seed(&key.0, source);
-                self.0
-                    .link
-                    .call(deadline, store.append(write, &source.fence, &seed))
+                link.call(deadline, store.append(write, &source.fence, &seed))
                     .await
             }
+            Ok(_) => Err(crate::store::StoreError::Unavailable),
             Err(e) => Err(e),
         };
         match result {
@@ -343,6 +354,9 @@ impl Continuity {
     /// oldest first; stops at the first store failure (what is left stays
     /// buffered). Returns whether the buffer holds none of them any more.
     pub(crate) async fn flush(&self, session: Option<&str>, deadline: Instant) -> bool {
+        let Ok(_one_flush) = tokio::time::timeout_at(deadline, self.0.flushing.lock()).await else {
+            return false;
+        };
         let mut items: std::collections::VecDeque<Buffered> = match session {
             Some(s) => self.0.buffer.take_session(s).into(),
             None => std::iter::from_fn(|| self.0.buffer.pop()).collect(),

@@ -10,7 +10,7 @@ const SHARDS: usize = 32;
 
 /// The newest known pin of a moved session.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Override {
+pub(crate) struct Override {
     /// Pin epoch.
     pub epoch: u64,
     /// Backend id.
@@ -23,14 +23,14 @@ pub struct Override {
 
 /// Sharded session → override map, bounded.
 #[derive(Debug)]
-pub struct Overrides {
+pub(crate) struct Overrides {
     shards: Vec<Mutex<HashMap<u128, Override>>>,
     per_shard: usize,
 }
 
 impl Overrides {
     /// A map holding at most about `capacity` sessions.
-    pub fn new(capacity: usize) -> Overrides {
+    pub(crate) fn new(capacity: usize) -> Overrides {
         Overrides {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             per_shard: capacity.div_ceil(SHARDS).max(1),
@@ -44,13 +44,13 @@ impl Overrides {
     }
 
     /// The override of `id`, if any.
-    pub fn get(&self, id: SessionId) -> Option<Override> {
+    pub(crate) fn get(&self, id: SessionId) -> Option<Override> {
         self.shard(id).get(&id.as_u128()).cloned()
     }
 
     /// Records `o` unless a newer epoch (or the same epoch, restored) is
     /// already known.
-    pub fn offer(&self, id: SessionId, o: Override) {
+    pub(crate) fn offer(&self, id: SessionId, o: Override) {
         let per_shard = self.per_shard;
         let mut shard = self.shard(id);
         match shard.get(&id.as_u128()) {

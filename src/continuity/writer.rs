@@ -14,14 +14,14 @@ const BATCH: usize = 500;
 
 /// The sending side, used by requests.
 #[derive(Debug)]
-pub struct SessionWriter {
+pub(crate) struct SessionWriter {
     tx: mpsc::Sender<SessionRow>,
     rx: Mutex<Option<mpsc::Receiver<SessionRow>>>,
 }
 
 impl SessionWriter {
     /// A queue of `cap` rows.
-    pub fn new(cap: usize) -> SessionWriter {
+    pub(crate) fn new(cap: usize) -> SessionWriter {
         let (tx, rx) = mpsc::channel(cap.max(1));
         SessionWriter {
             tx,
@@ -30,18 +30,18 @@ impl SessionWriter {
     }
 
     /// Queues a row; `false` when the queue is full (the row is dropped).
-    pub fn push(&self, row: SessionRow) -> bool {
+    pub(crate) fn push(&self, row: SessionRow) -> bool {
         self.tx.try_send(row).is_ok()
     }
 
     /// The receiving side, taken once by the background writer.
-    pub fn take_receiver(&self) -> Option<mpsc::Receiver<SessionRow>> {
+    pub(crate) fn take_receiver(&self) -> Option<mpsc::Receiver<SessionRow>> {
         self.rx.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 
 /// Collects up to [`BATCH`] rows, waiting at most `linger` after the first.
-pub async fn next_batch(
+pub(crate) async fn next_batch(
     rx: &mut mpsc::Receiver<SessionRow>,
     linger: Duration,
 ) -> Option<Vec<SessionRow>> {

@@ -12,7 +12,7 @@ use super::headers::Smuggling;
 
 /// A failed request.
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     /// A client asked for the reserved worker-contract prefix.
     #[error("client request under the reserved prefix")]
     ReservedPath,
@@ -82,7 +82,7 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// The status the client sees.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::ReservedPath => StatusCode::NOT_FOUND,
             ProxyError::Smuggling(_) => StatusCode::BAD_REQUEST,
@@ -102,7 +102,7 @@ impl ProxyError {
     }
 
     /// Whether the error is the worker's fault (worth logging at warn).
-    pub fn is_worker_failure(&self) -> bool {
+    pub(crate) fn is_worker_failure(&self) -> bool {
         match self {
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
@@ -119,7 +119,7 @@ impl ProxyError {
     }
 
     /// The response for the client: a short generic text, never the cause.
-    pub fn to_response(&self) -> Response<ProxyBody> {
+    pub(crate) fn to_response(&self) -> Response<ProxyBody> {
         let status = self.status();
         let text = match self {
             ProxyError::ReservedPath => "not found\n",
@@ -170,7 +170,7 @@ fn is_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// The error and its sources joined, for one structured log field.
-pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
     let mut cur = err.source();
     while let Some(e) = cur {

@@ -13,7 +13,7 @@
 //! | reused connection closed under the request | none (keep-alive race) | same worker, fresh connection, if idempotent |
 //! | reset or closed after the request was written | one passive failure | elsewhere, if idempotent |
 //! | no response head within `limits.response_timeout` | one passive failure | no (`504`) |
-//! | health marked the worker down meanwhile | (already down) | elsewhere, if idempotent |
+//! | health marked the worker down meanwhile | (already down) | no (`504`) |
 //! | the client's body broke | none: the client's fault | no (`400`) |
 //!
 //! A request that already failed on one worker is never counted against
@@ -283,10 +283,10 @@ impl Proxy {
                     after: live.config.limits.response_timeout,
                 })
             }
-            SendError::Lost => Attempt::Elsewhere {
-                error: ProxyError::WorkerLost { backend: id() },
-                nothing_sent: false,
-            },
+            // Like HAProxy's `on-marked-down shutdown-sessions`: the request
+            // reached a worker now judged dead; it is not sent again (it may
+            // be slow anywhere). The session's next request moves.
+            SendError::Lost => Attempt::Fail(ProxyError::WorkerLost { backend: id() }),
             SendError::Upstream(u) => match u {
                 UpstreamError::InstanceChanged { ref seen } => {
                     if let Some(old) = backend.observe_instance(seen) {

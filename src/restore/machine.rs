@@ -24,7 +24,7 @@ pub(crate) const MAX_ROUNDS: u32 = 3;
 /// How a move ended; stored in `tether_restores.outcome` and used as the
 /// `outcome` label of `tether_restores_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RestoreOutcome {
+pub(crate) enum RestoreOutcome {
     /// Still running (only ever stored, while it runs).
     Running,
     /// This replica restored every stored thread, which held every turn
@@ -41,7 +41,7 @@ pub enum RestoreOutcome {
 
 impl RestoreOutcome {
     /// The stable label.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RestoreOutcome::Running => "running",
             RestoreOutcome::Restored => "ok",
@@ -52,7 +52,7 @@ impl RestoreOutcome {
     }
 
     /// The outcome a stored label names.
-    pub fn parse(label: &str) -> Option<RestoreOutcome> {
+    pub(crate) fn parse(label: &str) -> Option<RestoreOutcome> {
         [
             RestoreOutcome::Running,
             RestoreOutcome::Restored,

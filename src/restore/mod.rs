@@ -25,14 +25,15 @@ use crate::affinity::{MoveReason, SessionId};
 use crate::backends::{Backend, BackendSet};
 use crate::balancer;
 use crate::config::State;
+use crate::continuity::capture::{Key, Pulled, Source};
 use crate::continuity::contract::ContractError;
 use crate::continuity::overrides::Override;
-use crate::continuity::Continuity;
+use crate::continuity::{Continuity, StoreState};
 use crate::live::Live;
-use crate::store::{Repin, RestoreRow, SessionRow, StoreError};
+use crate::store::{Fence, Repin, RestoreRow, SessionRow, StoreError};
 use machine::{Captures, Cas, Facts, Failure, Step, Winner};
 
-pub use machine::RestoreOutcome;
+pub(crate) use machine::RestoreOutcome;
 
 /// How often a replica that lost the re-pin race checks the winner's
 /// restore outcome.
@@ -63,7 +64,7 @@ pub(crate) struct Landing {
 
 /// Why a move did not complete.
 #[derive(Debug, thiserror::Error)]
-pub enum MoveError {
+pub(crate) enum MoveError {
     /// `state.restore_timeout` passed.
     #[error("the move did not finish within {0:?}")]
     Timeout(Duration),
@@ -160,7 +161,13 @@ async fn drive(
         facts.expired = Instant::now() >= deadline;
         match machine::next(&facts) {
             Step::CompleteCaptures => {
-                let (captures, n) = complete_captures(c, &session, state, deadline).await?;
+                // A drained worker is still up: it hands over what it holds
+                // even when nothing announced it.
+                let handing_over = workers
+                    .get(&mv.from)
+                    .filter(|b| mv.reason == MoveReason::Drained && b.is_usable());
+                let (captures, n) =
+                    complete_captures(c, &session, handing_over, state, deadline).await?;
                 facts.captures = Some(captures);
                 missing = n;
             }
@@ -230,9 +237,15 @@ fn already_moved(c: &Continuity, workers: &BackendSet, mv: &Move) -> Option<Land
 async fn complete_captures(
     c: &Continuity,
     session: &str,
+    handing_over: Option<&Arc<Backend>>,
     state: &State,
     deadline: Instant,
 ) -> Result<(Captures, usize), MoveError> {
+    // A store known to be down fails the move at once (the watch finds out
+    // within a second when it answers again) instead of at the deadline.
+    if c.store_state() != StoreState::Connected {
+        return Err(MoveError::Store(StoreError::Unavailable));
+    }
     if !c.flush(Some(session), deadline).await {
         // Buffered turns cannot reach the store: restoring now would miss
         // them, and the store is down anyway.
@@ -260,6 +273,19 @@ async fn complete_captures(
     }
     let link = c.link();
     let store = link.get()?;
+    if let Some(from) = handing_over {
+        let source = Source {
+            backend: from.id.clone(),
+            instance: from.instance().map(Arc::from),
+            fence: Fence::Holder(from.id.clone()),
+        };
+        for t in link.call(deadline, store.threads(session)).await? {
+            let key: Key = (Arc::from(session), Arc::from(t.thread_id));
+            if let Pulled::Failed = c.pull(&key, &source, pulls_until).await {
+                tracing::warn!(session, thread = %key.1, backend = %from.id, "final capture from the drained worker failed");
+            }
+        }
+    }
     let heads = link.call(deadline, store.threads(session)).await?;
     let head = |t: &str| heads.iter().find(|h| h.thread_id == t).map_or(0, |h| h.seq);
     let missing: Vec<_> = ledger

@@ -32,7 +32,7 @@ enum State {
 
 /// The scanning state of one connection.
 #[derive(Debug)]
-pub struct Scanner {
+pub(super) struct Scanner {
     state: State,
     line: Vec<u8>,
     limit: usize,
@@ -51,7 +51,7 @@ const H2_PREFACE_LEN: usize = 24;
 
 impl Scanner {
     /// A scanner giving up on heads longer than `limit` (hyper answers 431).
-    pub fn new(limit: usize) -> Scanner {
+    pub(super) fn new(limit: usize) -> Scanner {
         Scanner {
             state: State::Head,
             line: Vec::new(),
@@ -65,19 +65,19 @@ impl Scanner {
 
     /// The switch the service flips when it answers `101 Switching
     /// Protocols`: scanning stops there.
-    pub fn switch(&self) -> Arc<AtomicBool> {
+    pub(super) fn switch(&self) -> Arc<AtomicBool> {
         self.switched.clone()
     }
 
     /// Set once a head carried both `Content-Length` and `Transfer-Encoding`.
-    pub fn flag(&self) -> Arc<AtomicBool> {
+    pub(super) fn flag(&self) -> Arc<AtomicBool> {
         self.flag.clone()
     }
 
     /// Whether a request head is due: part of one has arrived and not its
     /// end, or the connection has not yet sent its first head (nor the
     /// whole HTTP/2 preface).
-    pub fn head_pending(&self) -> bool {
+    pub(super) fn head_pending(&self) -> bool {
         match self.state {
             State::Head => !self.started || !self.line.is_empty(),
             State::Off => !self.started,
@@ -86,7 +86,7 @@ impl Scanner {
     }
 
     /// Feeds bytes read from the client.
-    pub fn feed(&mut self, mut bytes: &[u8]) {
+    pub(super) fn feed(&mut self, mut bytes: &[u8]) {
         if self.switched.load(Ordering::Relaxed) {
             self.state = State::Off;
             self.started = true;
@@ -239,7 +239,7 @@ pin_project_lite::pin_project! {
 impl<T> Scanned<T> {
     /// Wraps `io`.
     /// The first head is due `header_timeout` after the connection opened.
-    pub fn new(io: T, scanner: Scanner, header_timeout: Duration) -> Self {
+    pub(super) fn new(io: T, scanner: Scanner, header_timeout: Duration) -> Self {
         Scanned {
             io,
             scanner,

@@ -16,16 +16,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use sql::{PgStore, SqliteStore};
+pub(crate) use sql::{PgStore, SqliteStore};
 
 use crate::restore::RestoreOutcome;
 
 /// A store operation's future.
-pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+pub(crate) type StoreFuture<'a, T> =
+    Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     /// The database failed or could not be reached.
     #[error("store: {0}")]
     Db(#[from] sqlx::Error),
@@ -48,7 +49,7 @@ pub enum StoreError {
 /// from the worker it left, so a late capture can never write into history
 /// the session's new worker is extending.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fence {
+pub(crate) enum Fence {
     /// Taken from a response to a request under this pin epoch: refused
     /// when the stored epoch is newer.
     Epoch(u64),
@@ -59,7 +60,7 @@ pub enum Fence {
 
 /// The result of a fenced append.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Appended {
+pub(crate) enum Appended {
     /// Written; the thread's contiguous head seq now.
     Head(u64),
     /// Refused: the session moved on to this pin.
@@ -73,7 +74,7 @@ pub enum Appended {
 
 impl Fence {
     /// Whether a write under this fence is refused by the stored pin.
-    pub fn refuses(&self, stored_epoch: u64, stored_backend: &str) -> bool {
+    pub(crate) fn refuses(&self, stored_epoch: u64, stored_backend: &str) -> bool {
         match self {
             Fence::Epoch(e) => stored_epoch > *e,
             Fence::Holder(b) => stored_backend != b,
@@ -83,7 +84,7 @@ impl Fence {
 
 /// A session's pin as the store holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionRow {
+pub(crate) struct SessionRow {
     /// Session id (32 hex digits).
     pub session_id: String,
     /// Pinned backend.
@@ -102,7 +103,7 @@ pub struct SessionRow {
 
 /// The result of a re-pin compare-and-set.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Repin {
+pub(crate) enum Repin {
     /// This replica moved the session: it must restore.
     Won,
     /// Another replica moved it first: follow its row.
@@ -111,7 +112,7 @@ pub enum Repin {
 
 /// A stored thread's head.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ThreadRow {
+pub(crate) struct ThreadRow {
     /// Thread id.
     pub thread_id: String,
     /// Highest contiguous stored seq.
@@ -122,7 +123,7 @@ pub struct ThreadRow {
 
 /// New entries of one thread, as a capture pulled them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ThreadWrite {
+pub(crate) struct ThreadWrite {
     /// Session id (hex).
     pub session_id: String,
     /// Thread id.
@@ -137,7 +138,7 @@ pub struct ThreadWrite {
 
 /// One restore, as logged in `tether_restores`.
 #[derive(Debug, Clone)]
-pub struct RestoreRow {
+pub(crate) struct RestoreRow {
     /// Session id.
     pub session_id: String,
     /// The epoch restored into.
@@ -158,7 +159,7 @@ pub struct RestoreRow {
 
 /// What tether needs from a store. Object-safe, so one `Arc<dyn Store>`
 /// serves both engines.
-pub trait Store: Send + Sync + std::fmt::Debug {
+pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     /// `postgres` or `sqlite`.
     fn kind(&self) -> &'static str;
     /// Whether `LISTEN/NOTIFY` is available (PostgreSQL).
@@ -222,7 +223,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
 /// Opens the store named by `state.store`, creating a SQLite file if
 /// missing, and runs migrations.
-pub async fn connect(url: &str, acquire_timeout: Duration) -> Result<Arc<dyn Store>, StoreError> {
+pub(crate) async fn connect(
+    url: &str,
+    acquire_timeout: Duration,
+) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(PgStore::connect(url, acquire_timeout).await?))
     } else if url.starts_with("sqlite:") {
@@ -236,7 +240,7 @@ pub async fn connect(url: &str, acquire_timeout: Duration) -> Result<Arc<dyn Sto
 }
 
 /// A URL with any password replaced, for logs and errors.
-pub fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let creds = &url[s + 3..at];

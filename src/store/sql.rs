@@ -17,19 +17,22 @@ use crate::restore::RestoreOutcome;
 
 /// PostgreSQL store (shared by replicas).
 #[derive(Debug, Clone)]
-pub struct PgStore {
+pub(crate) struct PgStore {
     pool: sqlx::PgPool,
 }
 
 /// SQLite store (single node).
 #[derive(Debug, Clone)]
-pub struct SqliteStore {
+pub(crate) struct SqliteStore {
     pool: sqlx::SqlitePool,
 }
 
 impl PgStore {
     /// Connects and migrates.
-    pub async fn connect(url: &str, acquire_timeout: Duration) -> Result<PgStore, StoreError> {
+    pub(crate) async fn connect(
+        url: &str,
+        acquire_timeout: Duration,
+    ) -> Result<PgStore, StoreError> {
         let opts = PgConnectOptions::from_str(url)?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
@@ -40,7 +43,7 @@ impl PgStore {
     }
 
     /// Wraps an existing pool and migrates (tests use `#[sqlx::test]` pools).
-    pub async fn from_pool(pool: sqlx::PgPool) -> Result<PgStore, StoreError> {
+    pub(crate) async fn from_pool(pool: sqlx::PgPool) -> Result<PgStore, StoreError> {
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
         Ok(PgStore { pool })
     }
@@ -48,7 +51,10 @@ impl PgStore {
 
 impl SqliteStore {
     /// Opens (creating if missing) and migrates.
-    pub async fn connect(url: &str, acquire_timeout: Duration) -> Result<SqliteStore, StoreError> {
+    pub(crate) async fn connect(
+        url: &str,
+        acquire_timeout: Duration,
+    ) -> Result<SqliteStore, StoreError> {
         let opts = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -62,7 +68,7 @@ impl SqliteStore {
     }
 
     /// Wraps an existing pool and migrates.
-    pub async fn from_pool(pool: sqlx::SqlitePool) -> Result<SqliteStore, StoreError> {
+    pub(crate) async fn from_pool(pool: sqlx::SqlitePool) -> Result<SqliteStore, StoreError> {
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
         Ok(SqliteStore { pool })
     }

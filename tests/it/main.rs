@@ -1,7 +1,7 @@
 //! Integration tests: the real server on 127.0.0.1:0 in front of mock
 //! workers, driven by real HTTP clients. One binary, one module a concern.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
 mod support;
 
