@@ -20,6 +20,7 @@ use crate::backends::WorkerSet;
 use crate::continuity::Continuity;
 use crate::live::SharedLive;
 use crate::metrics::Metrics;
+use crate::upstream::Upstream;
 
 type AdminResponse = Response<Full<Bytes>>;
 
@@ -34,6 +35,8 @@ pub(crate) struct Admin {
     pub continuity: Continuity,
     /// The metrics to render.
     pub metrics: Arc<Metrics>,
+    /// Upstream connection counts.
+    pub upstream: Upstream,
 }
 
 /// Serves the admin API until `cancel`.
@@ -86,7 +89,10 @@ fn route(proxy: &Admin, req: Request<Incoming>) -> AdminResponse {
         }
         (&Method::GET, "/metrics") => {
             let workers = proxy.workers.load();
-            let body = proxy.metrics.render(&workers, proxy.continuity.gauges());
+            let body =
+                proxy
+                    .metrics
+                    .render(&workers, proxy.continuity.gauges(), proxy.upstream.stats());
             let mut r = Response::new(Full::new(Bytes::from(body)));
             r.headers_mut().insert(
                 CONTENT_TYPE,

@@ -11,6 +11,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::backends::{Backend, BackendSet};
+use crate::upstream::Stats;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -41,7 +42,7 @@ struct ProbeLabels {
 
 /// What the scrape reads from the continuity side.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ContinuityGauges {
+pub(crate) struct ContinuityGauges {
     /// Threads with a capture waiting or running.
     pub capture_queue: usize,
     /// Whether the store answered its last operation.
@@ -53,7 +54,7 @@ pub struct ContinuityGauges {
 }
 
 /// Every metric family.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     latency: Histogram,
@@ -79,6 +80,11 @@ pub struct Metrics {
     store_writes_dropped: Counter,
     connections: Gauge,
     connections_refused: Counter,
+    upstream_connects: Counter,
+    upstream_verifications: Counter,
+    upstream_reuses: Counter,
+    /// The upstream counts last rendered (counters advance by the delta).
+    upstream_seen: std::sync::Mutex<Stats>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -102,7 +108,7 @@ macro_rules! register {
 
 impl Metrics {
     /// Registers every family.
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let mut registry = Registry::with_prefix("tether");
         let m = Metrics {
             requests: Family::default(),
@@ -129,6 +135,10 @@ impl Metrics {
             store_writes_dropped: Counter::default(),
             connections: Gauge::default(),
             connections_refused: Counter::default(),
+            upstream_connects: Counter::default(),
+            upstream_verifications: Counter::default(),
+            upstream_reuses: Counter::default(),
+            upstream_seen: std::sync::Mutex::new(Stats::default()),
             registry: Registry::default(),
         };
         register!(registry, m,
@@ -156,13 +166,27 @@ impl Metrics {
             "store_writes_dropped", "Session writes dropped: queue full or store down" => store_writes_dropped,
             "connections", "Open client connections" => connections,
             "connections_refused", "Client connections refused at limits.max_connections" => connections_refused,
+            "upstream_connects", "New connections to workers" => upstream_connects,
+            "upstream_verifications", "Connection checks (GET health.path) on new worker connections" => upstream_verifications,
+            "upstream_reuses", "Requests sent over a reused worker connection" => upstream_reuses,
         );
         Metrics { registry, ..m }
     }
 
     /// Renders the Prometheus text format, refreshing the scrape-time
     /// gauges.
-    pub fn render(&self, set: &BackendSet, c: ContinuityGauges) -> String {
+    pub(crate) fn render(&self, set: &BackendSet, c: ContinuityGauges, upstream: Stats) -> String {
+        {
+            let mut seen = self.upstream_seen.lock().unwrap_or_else(|p| p.into_inner());
+            let delta = |now: u64, then: u64| now.saturating_sub(then);
+            self.upstream_connects
+                .inc_by(delta(upstream.connects, seen.connects));
+            self.upstream_verifications
+                .inc_by(delta(upstream.verifications, seen.verifications));
+            self.upstream_reuses
+                .inc_by(delta(upstream.reuses, seen.reuses));
+            *seen = upstream;
+        }
         let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
         self.capture_queue.set(n(c.capture_queue));
         self.buffered.set(n(c.buffered));
@@ -193,7 +217,7 @@ impl Metrics {
     /// Counts one request and its latency. A worker's five counters are
     /// looked up once and kept on the worker: no label allocation or map
     /// lookup per request.
-    pub fn request(&self, status: http::StatusCode, backend: Option<&Backend>, secs: f64) {
+    pub(crate) fn request(&self, status: http::StatusCode, backend: Option<&Backend>, secs: f64) {
         self.latency.observe(secs);
         let i = match status.as_u16() {
             100..=199 => 0,
@@ -225,24 +249,24 @@ impl Metrics {
     }
 
     /// A session moved to another worker (or restarted in place).
-    pub fn repin(&self, reason: &'static str) {
+    pub(crate) fn repin(&self, reason: &'static str) {
         self.repins.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// An affinity cookie treated as absent.
-    pub fn cookie_reject(&self, reason: &'static str) {
+    pub(crate) fn cookie_reject(&self, reason: &'static str) {
         self.cookie_rejects
             .get_or_create(&ReasonLabel { reason })
             .inc();
     }
 
     /// A request sent again.
-    pub fn retry(&self) {
+    pub(crate) fn retry(&self) {
         self.retries.inc();
     }
 
     /// One active probe.
-    pub fn probe(&self, backend: &str, ok: bool) {
+    pub(crate) fn probe(&self, backend: &str, ok: bool) {
         self.probes
             .get_or_create(&ProbeLabels {
                 backend: backend.to_owned(),
@@ -252,7 +276,7 @@ impl Metrics {
     }
 
     /// A passive ejection.
-    pub fn ejection(&self, backend: &str) {
+    pub(crate) fn ejection(&self, backend: &str) {
         self.ejections
             .get_or_create(&BackendLabel {
                 backend: backend.to_owned(),
@@ -261,7 +285,7 @@ impl Metrics {
     }
 
     /// A worker restart seen through `Tether-Instance`.
-    pub fn instance_change(&self, backend: &str) {
+    pub(crate) fn instance_change(&self, backend: &str) {
         self.instance_changes
             .get_or_create(&BackendLabel {
                 backend: backend.to_owned(),
@@ -270,43 +294,43 @@ impl Metrics {
     }
 
     /// One session move and how long it took.
-    pub fn restore(&self, outcome: &'static str, secs: f64) {
+    pub(crate) fn restore(&self, outcome: &'static str, secs: f64) {
         self.restore_duration.observe(secs);
         self.restores.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
     /// One capture pull, by result (`ok`, `error`, `buffered`, `lost`).
-    pub fn capture(&self, reason: &'static str) {
+    pub(crate) fn capture(&self, reason: &'static str) {
         self.captures.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// Entries newly stored by capture.
-    pub fn captured_entries(&self, n: u64) {
+    pub(crate) fn captured_entries(&self, n: u64) {
         self.captured_entries.inc_by(n);
     }
 
     /// A capture hint dropped from a full queue.
-    pub fn capture_dropped(&self) {
+    pub(crate) fn capture_dropped(&self) {
         self.capture_dropped.inc();
     }
 
     /// A capture write refused by the fence.
-    pub fn capture_fenced(&self) {
+    pub(crate) fn capture_fenced(&self) {
         self.capture_fenced.inc();
     }
 
     /// A capture lost because the store was down and the buffer full.
-    pub fn buffer_dropped(&self) {
+    pub(crate) fn buffer_dropped(&self) {
         self.buffer_dropped.inc();
     }
 
     /// Session writes dropped.
-    pub fn store_writes_dropped(&self, n: u64) {
+    pub(crate) fn store_writes_dropped(&self, n: u64) {
         self.store_writes_dropped.inc_by(n);
     }
 
     /// A client connection opened (`true`) or closed (`false`).
-    pub fn connection(&self, open: bool) {
+    pub(crate) fn connection(&self, open: bool) {
         if open {
             self.connections.inc();
         } else {
@@ -315,7 +339,7 @@ impl Metrics {
     }
 
     /// A client connection refused at `limits.max_connections`.
-    pub fn connection_refused(&self) {
+    pub(crate) fn connection_refused(&self) {
         self.connections_refused.inc();
     }
 }

@@ -131,6 +131,7 @@ impl Proxy {
             let sent = self.send(live, &route, fresh, req, &watch).await;
             let failure = match sent {
                 Ok(sent) => {
+                    trace.reused = sent.reused;
                     if !blamed {
                         self.passive_outcome(
                             live,
@@ -310,11 +311,11 @@ impl Proxy {
                 UpstreamError::ConnectTimeout { .. } | UpstreamError::Verify { .. } => {
                     count_failure();
                     Attempt::Elsewhere {
+                        nothing_sent: u.nothing_sent(),
                         error: ProxyError::Connect {
                             backend: id(),
                             source: Box::new(u),
                         },
-                        nothing_sent: true,
                     }
                 }
                 UpstreamError::NotSent { .. } => Attempt::Again,
@@ -327,13 +328,15 @@ impl Proxy {
                     if reused && fresh == Fresh::Pooled && retry_safe {
                         return Attempt::Again;
                     }
-                    count_failure();
+                    if u.worker_fault() {
+                        count_failure();
+                    }
                     Attempt::Elsewhere {
+                        nothing_sent: u.nothing_sent(),
                         error: ProxyError::Upstream {
                             backend: id(),
                             source: Box::new(u),
                         },
-                        nothing_sent: false,
                     }
                 }
             },

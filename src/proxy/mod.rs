@@ -147,6 +147,7 @@ impl Proxy {
                 pin = trace.outcome.map(|o| o.as_str()).unwrap_or("-"),
                 session = %trace.session.map(|s| s.to_hex()).unwrap_or_default(),
                 attempts = trace.attempts,
+                reused = trace.reused,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 peer = %peer.addr,
             );
@@ -166,4 +167,6 @@ struct Trace {
     session: Option<SessionId>,
     /// Attempts made.
     attempts: u32,
+    /// Whether the answer came over a reused upstream connection.
+    reused: bool,
 }

@@ -30,14 +30,14 @@ const H2_MAX_RESETS: usize = 100;
 
 /// `limits.max_connections`, shared by the client listeners.
 #[derive(Debug, Clone)]
-pub struct ConnLimit {
+pub(crate) struct ConnLimit {
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
 }
 
 impl ConnLimit {
     /// A limit of `max` open connections.
-    pub fn new(max: usize, metrics: Arc<Metrics>) -> ConnLimit {
+    pub(crate) fn new(max: usize, metrics: Arc<Metrics>) -> ConnLimit {
         ConnLimit {
             permits: Arc::new(Semaphore::new(max)),
             metrics,

@@ -28,8 +28,7 @@ use crate::live::{Live, SharedLive};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy};
 use crate::upstream::Upstream;
-
-pub use accept::ConnLimit;
+use accept::ConnLimit;
 
 /// Why the server could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +112,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
     let health = Health::start(
         workers.clone(),
         live.clone(),
-        upstream,
+        upstream.clone(),
         metrics.clone(),
         cancel.clone(),
     );
@@ -144,6 +143,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
             workers,
             continuity,
             metrics,
+            upstream,
         };
         tasks.spawn(admin::serve(l, admin, cancel.clone()));
     }

@@ -177,9 +177,11 @@ async fn spawn_ready(id: &str, addr: SocketAddr, within: Duration) -> Option<Chi
     panic!("worker {id} on {addr} did not accept within {within:?}");
 }
 
+/// Signals through the shell's builtin `kill` (POSIX `sh` has one; a
+/// `kill` binary may not be installed).
 fn signal(sig: &str, pid: u32) {
-    let status = Command::new("kill")
-        .args([format!("-{sig}"), pid.to_string()])
+    let status = Command::new("sh")
+        .args(["-c", &format!("kill -{sig} {pid}")])
         .stderr(Stdio::null())
         .status()
         .expect("run kill");

@@ -1,0 +1,113 @@
+//! Opening a connection: TCP connect, the HTTP/1.1 handshake with its
+//! connection task, and the probe exchange that verification and health
+//! probes share.
+
+use std::time::Duration;
+
+use http::header::HeaderMap;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
+
+use super::body::OutBody;
+use super::error::UpstreamError;
+use super::pool::Pool;
+use crate::proxy::body::BoxError;
+use crate::wire::TETHER_INSTANCE;
+
+/// The most of a probe's answer body read (and thrown away).
+const MAX_PROBE_BODY: usize = 64 * 1024;
+
+/// A probe's answer: any status counts.
+#[derive(Debug)]
+pub(super) struct Answer {
+    pub(super) status: StatusCode,
+    pub(super) instance: Option<String>,
+}
+
+/// TCP connect to the worker by `deadline` (`budget` is what the error
+/// reports), with `TCP_NODELAY`.
+pub(super) async fn dial(
+    pool: &Pool,
+    deadline: Instant,
+    budget: Duration,
+) -> Result<TcpStream, UpstreamError> {
+    let tcp = match timeout_at(deadline, TcpStream::connect(pool.addr())).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(source)) => return Err(UpstreamError::Refused { source }),
+        Err(_) => return Err(UpstreamError::ConnectTimeout { after: budget }),
+    };
+    tcp.set_nodelay(true)
+        .map_err(|source| UpstreamError::Refused { source })?;
+    Ok(tcp)
+}
+
+/// The HTTP/1.1 handshake (no I/O) and the connection's task. The task
+/// lives as long as the connection: it ends when the worker closes it, on
+/// an error, or once the [`SendRequest`] is dropped while it is idle.
+pub(super) async fn handshake(
+    tcp: TcpStream,
+    pool: &Pool,
+    max_response_head: usize,
+) -> Result<SendRequest<OutBody>, UpstreamError> {
+    let (tx, conn) = http1::Builder::new()
+        .max_header_size(max_response_head)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|source| UpstreamError::NotSent { source })?;
+    let authority = pool.authority().clone();
+    tokio::spawn(async move {
+        if let Err(error) = conn.with_upgrades().await {
+            tracing::debug!(upstream = %authority, %error, "upstream connection ended with an error");
+        }
+    });
+    Ok(tx)
+}
+
+/// Sends a probe and reads its answer whole (bounded), so the connection
+/// can carry the next request.
+pub(super) async fn exchange(
+    tx: &mut SendRequest<OutBody>,
+    req: Request<OutBody>,
+) -> Result<Answer, BoxError> {
+    let resp = tx.send_request(req).await?;
+    let status = resp.status();
+    let instance = instance_of(resp.headers());
+    Limited::new(resp.into_body(), MAX_PROBE_BODY)
+        .collect()
+        .await?;
+    Ok(Answer { status, instance })
+}
+
+/// Connects and sends `GET path` under one `deadline`: the verification of
+/// a new connection (`close` false) or a health probe (`close` true).
+pub(super) async fn probe(
+    pool: &Pool,
+    path: &str,
+    close: bool,
+    max_response_head: usize,
+    deadline: Instant,
+    budget: Duration,
+) -> Result<(SendRequest<OutBody>, Answer), UpstreamError> {
+    let tcp = dial(pool, deadline, budget).await?;
+    let mut tx = handshake(tcp, pool, max_response_head).await?;
+    let verify = |source: BoxError| UpstreamError::Verify { source };
+    let req = pool.get(path, close).map_err(|e| verify(e.into()))?;
+    let answer = timeout_at(deadline, exchange(&mut tx, req))
+        .await
+        .map_err(|_| verify(Box::new(super::error::TimedOut(budget))))?
+        .map_err(verify)?;
+    Ok((tx, answer))
+}
+
+/// A `Tether-Instance` value; an empty or non-ASCII one counts as none.
+fn instance_of(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(TETHER_INSTANCE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
