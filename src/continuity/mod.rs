@@ -123,6 +123,11 @@ impl Continuity {
         self.0.overrides.get(session)
     }
 
+    /// A 2xx response told the client its history is partial.
+    pub(crate) fn partial_reported(&self, session: SessionId) {
+        self.0.overrides.partial_reported(session);
+    }
+
     /// Queues a session row for the store; counts a drop when full.
     pub(crate) fn remember(&self, row: SessionRow) {
         if !self.0.writer.push(row) {

@@ -1,5 +1,8 @@
 //! Re-pins this replica knows about, newer than what a client's cookie
-//! says: a stale cookie (older epoch) follows the newest pin.
+//! says: a stale cookie (older epoch) follows the newest pin. An entry also
+//! carries a debt: a move restored the session without acknowledged turns,
+//! and no 2xx response has told the client yet (`Tether-Restore:
+//! partial`); the debt outlives later moves until it is paid.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -19,6 +22,8 @@ pub(crate) struct Override {
     pub instance: String,
     /// Whether the restore into this epoch completed.
     pub restored: bool,
+    /// A partial restore the client has not been told about yet.
+    pub partial: bool,
 }
 
 /// Sharded session → override map, bounded.
@@ -49,24 +54,39 @@ impl Overrides {
     }
 
     /// Records `o` unless a newer epoch (or the same epoch, restored) is
-    /// already known.
-    pub(crate) fn offer(&self, id: SessionId, o: Override) {
+    /// already known. A partial-restore debt is kept either way.
+    pub(crate) fn offer(&self, id: SessionId, mut o: Override) {
         let per_shard = self.per_shard;
+        let key = id.as_u128();
         let mut shard = self.shard(id);
-        match shard.get(&id.as_u128()) {
-            Some(cur)
-                if cur.epoch > o.epoch || (cur.epoch == o.epoch && cur.restored && !o.restored) => {
+        if let Some(cur) = shard.get_mut(&key) {
+            if cur.epoch > o.epoch || (cur.epoch == o.epoch && cur.restored && !o.restored) {
+                cur.partial |= o.partial;
+            } else {
+                o.partial |= cur.partial;
+                *cur = o;
             }
-            _ => {
-                if shard.len() >= per_shard && !shard.contains_key(&id.as_u128()) {
-                    // Bounded: forget an arbitrary entry; its session falls
-                    // back to the store's CAS, which stays correct.
-                    if let Some(k) = shard.keys().next().copied() {
-                        shard.remove(&k);
-                    }
-                }
-                shard.insert(id.as_u128(), o);
+            return;
+        }
+        if shard.len() >= per_shard {
+            // Bounded: forget an arbitrary entry; its session falls back to
+            // the store's CAS, which stays correct.
+            if let Some(k) = shard.keys().next().copied() {
+                shard.remove(&k);
             }
+        }
+        shard.insert(key, o);
+    }
+
+    /// Whether the client of `id` is owed a `Tether-Restore: partial`.
+    pub(crate) fn owes_partial(&self, id: SessionId) -> bool {
+        self.shard(id).get(&id.as_u128()).is_some_and(|o| o.partial)
+    }
+
+    /// A 2xx response told the client: the debt is paid.
+    pub(crate) fn partial_reported(&self, id: SessionId) {
+        if let Some(o) = self.shard(id).get_mut(&id.as_u128()) {
+            o.partial = false;
         }
     }
 }

@@ -329,6 +329,7 @@ fn apply_notification(c: &Continuity, payload: &str) {
             backend: backend.to_owned(),
             instance: parts.next().unwrap_or("").to_owned(),
             restored: true,
+            partial: false,
         },
     );
 }

@@ -11,7 +11,7 @@ use crate::affinity::{MoveReason, PinOutcome};
 use crate::backends::{Backend, BackendSet};
 use crate::config::OnRestoreFailure;
 use crate::live::Live;
-use crate::restore::{self, Move, MoveError, RestoreOutcome};
+use crate::restore::{self, Move, MoveError};
 
 /// Whether the request goes on with its whole history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,9 +61,9 @@ impl Proxy {
                 self.relocate(route, live, workers, to, reason).await
             }
             PinOutcome::Kept => {
-                self.follow_newer_pin(route, workers);
+                let owed = self.follow_newer_pin(route, workers);
                 if !restarted_under(route) {
-                    return Ok(History::Whole);
+                    return Ok(owed);
                 }
                 // The worker restarted with empty memory: restore into it.
                 let to = route.backend.clone();
@@ -73,20 +73,33 @@ impl Proxy {
         }
     }
 
+    /// A 2xx response carried `Tether-Restore: partial`: the debt is paid.
+    pub(super) fn partial_reported(&self, route: &Route) {
+        self.0.continuity.partial_reported(route.pin.session);
+    }
+
     /// A stale cookie (older epoch) follows a newer pin this replica knows
-    /// about, when that worker is usable.
-    fn follow_newer_pin(&self, route: &mut Route, workers: &BackendSet) {
+    /// about, when that worker is usable. Also tells whether an earlier
+    /// move restored the session without acknowledged turns and no 2xx
+    /// response has said so yet (one lookup for both, on every kept pin).
+    fn follow_newer_pin(&self, route: &mut Route, workers: &BackendSet) -> History {
         let Some(o) = self.0.continuity.newer_pin(route.pin.session) else {
-            return;
+            return History::Whole;
+        };
+        let owed = if o.partial {
+            History::Partial
+        } else {
+            History::Whole
         };
         if o.epoch <= route.pin.epoch || !o.restored {
-            return;
+            return owed;
         }
         let Some(b) = workers.get(&o.backend).filter(|b| b.is_usable()) else {
-            return;
+            return owed;
         };
         let now = self.0.clock.now_unix();
         route.land(b.clone(), o.epoch, o.instance, now);
+        owed
     }
 
     /// Moves the route's session to `to` (restoring its threads there
@@ -112,9 +125,10 @@ impl Proxy {
         let now = self.0.clock.now_unix();
         match restore::run(&self.0.continuity, workers, live, &mv, to.clone()).await {
             Ok(landing) => {
-                let history = match landing.outcome {
-                    RestoreOutcome::Partial => History::Partial,
-                    _ => History::Whole,
+                let history = if landing.partial {
+                    History::Partial
+                } else {
+                    History::Whole
                 };
                 route.landed(landing, now);
                 Ok(history)

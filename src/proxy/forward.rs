@@ -28,6 +28,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use super::body::{BodyWatch, BoxError, IdleBody, ReplayBody};
+use super::continuity::History;
 use super::headers::{self, Peer};
 use super::route::{Binding, Route};
 use super::{tunnel, Proxy, ProxyBody, ProxyError, Trace};
@@ -146,6 +147,9 @@ impl Proxy {
                     if let Some(mark) = history.mark() {
                         resp.headers_mut()
                             .insert(TETHER_RESTORE, HeaderValue::from_static(mark));
+                        if history == History::Partial && resp.status().is_success() {
+                            self.partial_reported(&route);
+                        }
                     }
                     return Ok(resp);
                 }

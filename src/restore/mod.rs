@@ -60,6 +60,9 @@ pub(crate) struct Landing {
     pub epoch: u64,
     pub instance: String,
     pub outcome: RestoreOutcome,
+    /// The history misses acknowledged turns (this move's or an earlier
+    /// one's) and the client has not been told yet.
+    pub partial: bool,
 }
 
 /// Why a move did not complete.
@@ -228,6 +231,7 @@ fn already_moved(c: &Continuity, workers: &BackendSet, mv: &Move) -> Option<Land
         epoch: o.epoch,
         instance: o.instance,
         outcome: RestoreOutcome::Followed,
+        partial: o.partial,
     })
 }
 
@@ -458,6 +462,8 @@ fn land(c: &Continuity, mv: &Move, t: Target, outcome: RestoreOutcome, missing: 
     let instance = t
         .instance
         .unwrap_or_else(|| t.backend.instance().unwrap_or_default());
+    // The debt of a partial restore outlives this move until a 2xx
+    // response has told the client.
     c.overrides().offer(
         mv.session,
         Override {
@@ -465,8 +471,10 @@ fn land(c: &Continuity, mv: &Move, t: Target, outcome: RestoreOutcome, missing: 
             backend: t.backend.id.clone(),
             instance: instance.clone(),
             restored: true,
+            partial: outcome == RestoreOutcome::Partial,
         },
     );
+    let partial = c.overrides().owes_partial(mv.session);
     // What was acknowledged before the move is now stored, or reported
     // missing (once) with this partial restore.
     c.ledger().settle_session(&mv.session.to_hex());
@@ -478,5 +486,6 @@ fn land(c: &Continuity, mv: &Move, t: Target, outcome: RestoreOutcome, missing: 
         epoch: t.epoch,
         instance,
         outcome,
+        partial,
     }
 }
