@@ -187,6 +187,9 @@ pub enum MoveReason {
     Restarted,
     /// The worker has been draining for longer than `drain.timeout`.
     Drained,
+    /// A move that re-pinned the session but did not finish its restore
+    /// (its request failed or was cancelled) is finished.
+    Resumed,
 }
 
 impl MoveReason {
@@ -198,6 +201,7 @@ impl MoveReason {
             MoveReason::Failed => "failed",
             MoveReason::Restarted => "restarted",
             MoveReason::Drained => "drained",
+            MoveReason::Resumed => "resumed",
         }
     }
 }

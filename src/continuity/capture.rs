@@ -78,8 +78,11 @@ pub(crate) struct Pending {
 /// How a pull ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pulled {
-    /// The store (or the outage buffer) holds the thread up to this seq.
+    /// The store holds the thread up to this seq.
     Head(u64),
+    /// The outage buffer holds it up to this seq: the record stays until
+    /// the buffer is flushed into the store.
+    Buffered,
     /// The write was refused: the session moved on; nothing left to do.
     Fenced,
     /// The holder's process is gone (restarted, or forgot the thread).
@@ -219,7 +222,7 @@ impl CaptureQueue {
                     Pulled::Fenced if !again => {
                         q.records.remove(key);
                     }
-                    Pulled::Head(_) | Pulled::Fenced => {}
+                    Pulled::Head(_) | Pulled::Fenced | Pulled::Buffered => {}
                     Pulled::Lost => rec.lost = true,
                     Pulled::Failed => {
                         rec.attempts += 1;
@@ -274,6 +277,30 @@ impl CaptureQueue {
         out
     }
 
+    /// Takes every queued pull (marking it running): a graceful stop runs
+    /// them itself.
+    pub(crate) fn take_all(&self) -> Vec<(Key, Source)> {
+        let mut q = self.lock();
+        let q = &mut *q;
+        q.order.clear();
+        q.records
+            .iter_mut()
+            .filter(|(_, r)| r.pull == Pull::Queued)
+            .map(|(k, r)| {
+                r.pull = Pull::Busy { again: false };
+                (k.clone(), r.source.clone())
+            })
+            .collect()
+    }
+
+    /// Whether any pull is running.
+    pub(crate) fn running_any(&self) -> bool {
+        self.lock()
+            .records
+            .values()
+            .any(|r| matches!(r.pull, Pull::Busy { .. }))
+    }
+
     /// Pulls other tasks are running for `session`.
     pub(crate) fn running(&self, session: &str) -> usize {
         self.lock()
@@ -286,6 +313,11 @@ impl CaptureQueue {
     /// Waits until some pull ends (bounded by the caller).
     pub(crate) async fn settled(&self) {
         self.settled.notified().await;
+    }
+
+    /// The highest seq acknowledged for a thread not known stored yet.
+    pub(crate) fn acked(&self, key: &Key) -> Option<u64> {
+        self.lock().records.get(key).map(|r| r.acked)
     }
 
     /// What was acknowledged for `session` and is not known stored yet.
@@ -341,8 +373,18 @@ impl CaptureQueue {
 }
 
 impl Inner {
-    /// Makes room: drops the oldest queued thread, else any idle record.
+    /// Makes room: drops a record that no pull is waiting for (lost, or
+    /// out of retries) first, else the oldest queued thread.
     fn evict(&mut self) -> bool {
+        let idle = self
+            .records
+            .iter()
+            .find(|(_, r)| r.pull == Pull::Idle)
+            .map(|(k, _)| k.clone());
+        if let Some(k) = idle {
+            self.records.remove(&k);
+            return true;
+        }
         while let Some(key) = self.order.pop_front() {
             if self
                 .records
@@ -353,18 +395,7 @@ impl Inner {
                 return true;
             }
         }
-        let idle = self
-            .records
-            .iter()
-            .find(|(_, r)| r.pull == Pull::Idle)
-            .map(|(k, _)| k.clone());
-        match idle {
-            Some(k) => {
-                self.records.remove(&k);
-                true
-            }
-            None => false,
-        }
+        false
     }
 }
 

@@ -106,6 +106,8 @@ pub(crate) enum Exported {
 /// A thread export (`GET …/threads/T?after=N`).
 #[derive(Debug, Deserialize)]
 pub(crate) struct Export {
+    /// The worker's head seq.
+    pub seq: u64,
     /// Entries after `N`, raw JSON each.
     pub entries: Vec<Box<serde_json::value::RawValue>>,
     /// Opaque state.

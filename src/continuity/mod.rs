@@ -51,6 +51,7 @@ struct Inner {
     flights: Flights,
     overrides: Overrides,
     capture: CaptureQueue,
+    in_flight: Arc<InFlight>,
     buffer: OutageBuffer,
     /// One flush of the outage buffer at a time: a move that flushes its
     /// session's captures waits for a flush that already took them.
@@ -79,6 +80,7 @@ impl Continuity {
             flights: Flights::default(),
             overrides: Overrides::new(limits.max_sessions),
             capture: CaptureQueue::new(state.queue),
+            in_flight: Arc::default(),
             buffer: OutageBuffer::new(state.buffer_bytes),
             flushing: tokio::sync::Mutex::new(()),
             writer: SessionWriter::new(state.queue),
@@ -93,6 +95,22 @@ impl Continuity {
     /// Connects the store and starts the background tasks under `cancel`.
     pub(crate) async fn start(&self, sessions: Sessions, cancel: CancellationToken) {
         tasks::start(self.clone(), sessions, cancel).await;
+    }
+
+    /// On a graceful stop, after the last request: pulls every queued
+    /// capture now and flushes the outage buffer, so turns answered during
+    /// the grace period reach the store. Whether everything was stored.
+    pub(crate) async fn finish(&self, deadline: Instant) -> bool {
+        let ledger = &self.0.capture;
+        for (key, source) in ledger.take_all() {
+            let pulled = self.pull(&key, &source, deadline).await;
+            ledger.done(&key, pulled);
+        }
+        while ledger.running_any() && Instant::now() < deadline {
+            let _ = tokio::time::timeout_at(deadline, ledger.settled()).await;
+        }
+        let flushed = self.flush(None, deadline).await;
+        flushed && ledger.len() == 0
     }
 
     // === what the proxy calls ===
@@ -116,6 +134,12 @@ impl Continuity {
         if self.0.capture.push(hint) {
             self.0.metrics.capture_dropped();
         }
+    }
+
+    /// Counts a request of `session` in flight to a worker until the guard
+    /// drops: a move waits for it (a turn may be on its way).
+    pub(crate) fn in_flight(&self, session: SessionId) -> InFlightGuard {
+        self.0.in_flight.enter(session)
     }
 
     /// A newer pin of `session` that this replica knows about.
@@ -189,6 +213,17 @@ impl Continuity {
         self.0.flights.lock_for(session)
     }
 
+    /// Requests of `session` in flight to a worker now.
+    pub(crate) fn requests_in_flight(&self, session: SessionId) -> u32 {
+        self.0.in_flight.count(session)
+    }
+
+    /// Resolves when some request's guard drops (bounded by the caller;
+    /// enable it before checking the count).
+    pub(crate) fn request_settled(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.in_flight.settled.notified()
+    }
+
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.0.metrics
     }
@@ -209,6 +244,7 @@ impl Continuity {
             Ok(Pulled::Fenced) => m.capture_fenced(),
             Ok(Pulled::Lost) => m.capture("lost"),
             Ok(Pulled::Failed) => m.capture("buffer_full"),
+            Ok(Pulled::Buffered) => {}
             Err(e) => {
                 m.capture("error");
                 tracing::debug!(session = %key.0, thread = %key.1, backend = %source.backend, error = %crate::proxy::error::chain(e), "capture failed");
@@ -227,35 +263,46 @@ impl Continuity {
         let link = &self.0.link;
         // A degraded store is not waited on: the pull must reach the worker
         // while it still answers, and its result waits in the buffer.
-        let stored = match link.get() {
+        let head = match link.get() {
             Ok(store) if link.state() == StoreState::Connected => {
                 let now = Instant::now();
                 let until = now + deadline.saturating_duration_since(now) / 3;
-                link.call(until, store.thread_seq(&key.0, &key.1)).await
+                link.call(until, store.thread_head(&key.0, &key.1)).await
             }
             Ok(_) => Err(crate::store::StoreError::Unavailable),
             Err(e) => Err(e),
         };
-        let stored = match stored {
+        let (stored, stored_body) = match head {
             Ok(head) => {
-                self.0.buffer.note_head(key, head);
-                head
+                self.0.buffer.note_head(key, head.seq);
+                (head.seq, head.body)
             }
             // Ask for what is new since the last head we know (or the
             // whole thread; the store ignores duplicates).
-            Err(_) => self.0.buffer.known_head(key).unwrap_or(0),
+            Err(_) => (self.0.buffer.known_head(key).unwrap_or(0), None),
         };
+        if self.0.capture.acked(key).is_some_and(|a| a <= stored) {
+            // Already stored (by an earlier pull of a coalesced hint).
+            return Ok(Pulled::Head(stored));
+        }
         let workers = self.0.workers.load();
         let Some(backend) = workers.get(&source.backend).cloned() else {
             // The worker was removed: what only it held is gone.
             return Ok(Pulled::Lost);
         };
         drop(workers);
+        // One entry more than needed: the worker must still hold the
+        // stored head as the store has it, or its thread has diverged.
+        let after = if stored_body.is_some() {
+            stored - 1
+        } else {
+            stored
+        };
         let expect = source.instance.as_deref();
         let exported = self
             .0
             .contract
-            .export(&backend, &live, expect, &key.0, &key.1, stored, deadline)
+            .export(&backend, &live, expect, &key.0, &key.1, after, deadline)
             .await;
         let export = match exported {
             Ok(Exported::Thread(e)) => e,
@@ -266,6 +313,21 @@ impl Continuity {
             Err(e) => return Err(CaptureError::Contract(e)),
         };
         let entries = capture::entries_with_seq(&export.entries).ok_or(CaptureError::NoSeq)?;
+        if let Some(stored_body) = &stored_body {
+            let theirs = entries.iter().find(|(s, _)| *s == stored).map(|(_, b)| b);
+            if !theirs.is_some_and(|b| same_entry(b, stored_body)) {
+                // The worker's thread is not the stored one (it kept its
+                // own copy over a restore, or lost entries): appending its
+                // entries would splice two histories. Nothing is written;
+                // the client is told its history is partial.
+                self.0.metrics.capture("diverged");
+                tracing::warn!(session = %key.0, thread = %key.1, backend = %source.backend, stored, "worker's thread diverges from the stored one: not captured");
+                if let Some(id) = SessionId::from_hex(&key.0) {
+                    self.0.overrides.owe_partial(id);
+                }
+                return Ok(Pulled::Lost);
+            }
+        }
         let entries: Vec<(u64, String)> =
             entries.into_iter().filter(|(s, _)| *s > stored).collect();
         let write = ThreadWrite {
@@ -273,6 +335,7 @@ impl Continuity {
             thread_id: key.1.to_string(),
             entries,
             state: export.state.map(|s| s.get().to_owned()),
+            state_seq: export.seq,
             now: self.0.clock.now_unix(),
         };
         let before = stored;
@@ -282,10 +345,22 @@ impl Continuity {
                 self.0.buffer.note_head(key, head);
                 Ok(Pulled::Head(head))
             }
-            Written::Fenced => Ok(Pulled::Fenced),
-            Written::Buffered(head) => {
+            Written::Fenced => {
+                // The session moved on. If the worker it left holds turns a
+                // client saw acknowledged beyond the store, they are refused
+                // for good: the client must be told its history is partial.
+                let acked = self.0.capture.acked(key).unwrap_or(0);
+                if !write.entries.is_empty() && acked > before {
+                    tracing::warn!(session = %key.0, thread = %key.1, from = %source.backend, acknowledged = acked, stored = before, "acknowledged turns refused by the fence: the session moved on without them");
+                    if let Some(id) = SessionId::from_hex(&key.0) {
+                        self.0.overrides.owe_partial(id);
+                    }
+                }
+                Ok(Pulled::Fenced)
+            }
+            Written::Buffered => {
                 self.0.metrics.capture("buffered");
-                Ok(Pulled::Head(head))
+                Ok(Pulled::Buffered)
             }
             Written::Dropped => Ok(Pulled::Failed),
         }
@@ -316,7 +391,6 @@ impl Continuity {
                 Ok(Written::Fenced)
             }
             Err(e) => {
-                let head = write.entries.last().map_or(0, |(s, _)| *s);
                 let item = Buffered {
                     key: key.clone(),
                     write: write.clone(),
@@ -325,7 +399,7 @@ impl Continuity {
                 match self.0.buffer.push(item) {
                     Ok(()) => {
                         tracing::debug!(session = %key.0, thread = %key.1, error = %e, "store down: capture buffered");
-                        Ok(Written::Buffered(head))
+                        Ok(Written::Buffered)
                     }
                     Err(buffer::Full) => {
                         self.0.metrics.buffer_dropped();
@@ -403,11 +477,26 @@ impl Continuity {
     }
 }
 
+/// Whether two entry texts are the same JSON (a worker may re-serialise
+/// what it was given: key order and spacing do not matter).
+fn same_entry(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    match (
+        serde_json::from_str::<serde_json::Value>(a),
+        serde_json::from_str::<serde_json::Value>(b),
+    ) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
 /// What writing a capture came to.
 enum Written {
     Stored(u64),
     Fenced,
-    Buffered(u64),
+    Buffered,
     Dropped,
 }
 
@@ -422,10 +511,64 @@ pub(crate) enum CaptureError {
     NoSeq,
 }
 
+/// Requests in flight per session (sharded, bounded by the requests
+/// themselves: an entry lives while a guard does).
+#[derive(Debug, Default)]
+struct InFlight {
+    shards: [Mutex<HashMap<u128, u32>>; 16],
+    settled: tokio::sync::Notify,
+}
+
+impl InFlight {
+    fn shard(&self, id: SessionId) -> std::sync::MutexGuard<'_, HashMap<u128, u32>> {
+        self.shards[(id.as_u128() as usize) % 16]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn enter(self: &Arc<Self>, id: SessionId) -> InFlightGuard {
+        *self.shard(id).entry(id.as_u128()).or_insert(0) += 1;
+        InFlightGuard {
+            id,
+            map: self.clone(),
+        }
+    }
+
+    fn count(&self, id: SessionId) -> u32 {
+        self.shard(id).get(&id.as_u128()).copied().unwrap_or(0)
+    }
+}
+
+/// One request in flight; dropping it ends the count.
+#[derive(Debug)]
+pub(crate) struct InFlightGuard {
+    id: SessionId,
+    map: Arc<InFlight>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        {
+            let mut shard = self.map.shard(self.id);
+            if let Some(n) = shard.get_mut(&self.id.as_u128()) {
+                *n -= 1;
+                if *n == 0 {
+                    shard.remove(&self.id.as_u128());
+                }
+            }
+        }
+        self.map.settled.notify_waiters();
+    }
+}
+
 /// Per-session locks: concurrent requests of one session wait for one
 /// move. Entries are weak: a lock lives while someone holds it.
 #[derive(Debug, Default)]
-pub(crate) struct Flights(Mutex<HashMap<u128, Weak<tokio::sync::Mutex<()>>>>);
+pub(crate) struct Flights(
+    Mutex<HashMap<u128, Weak<tokio::sync::Mutex<()>>>>,
+    /// The map size at which dead entries are swept next.
+    std::sync::atomic::AtomicUsize,
+);
 
 impl Flights {
     fn lock_for(&self, id: SessionId) -> Arc<tokio::sync::Mutex<()>> {
@@ -434,7 +577,15 @@ impl Flights {
             return l;
         }
         let l = Arc::new(tokio::sync::Mutex::new(()));
-        map.retain(|_, w| w.strong_count() > 0);
+        // Dead entries are swept when the map doubles, not on every insert
+        // (a mass failover starts thousands of moves at once).
+        if map.len() >= self.1.load(std::sync::atomic::Ordering::Relaxed) {
+            map.retain(|_, w| w.strong_count() > 0);
+            self.1.store(
+                (map.len() * 2).max(64),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         map.insert(id.as_u128(), Arc::downgrade(&l));
         l
     }

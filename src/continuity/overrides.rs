@@ -83,6 +83,21 @@ impl Overrides {
         self.shard(id).get(&id.as_u128()).is_some_and(|o| o.partial)
     }
 
+    /// Turns of `id` a client saw acknowledged were lost after all (a late
+    /// capture refused by the fence): the next 2xx must say so.
+    pub(crate) fn owe_partial(&self, id: SessionId) {
+        self.offer(
+            id,
+            Override {
+                epoch: 0,
+                backend: String::new(),
+                instance: String::new(),
+                restored: false,
+                partial: true,
+            },
+        );
+    }
+
     /// A 2xx response told the client: the debt is paid.
     pub(crate) fn partial_reported(&self, id: SessionId) {
         if let Some(o) = self.shard(id).get_mut(&id.as_u128()) {

@@ -9,6 +9,7 @@ use super::route::Route;
 use super::{Proxy, ProxyError};
 use crate::affinity::{MoveReason, PinOutcome};
 use crate::backends::{Backend, BackendSet};
+use crate::balancer;
 use crate::config::OnRestoreFailure;
 use crate::live::Live;
 use crate::restore::{self, Move, MoveError};
@@ -46,13 +47,22 @@ impl History {
     }
 }
 
+/// What a kept pin learns from this replica's newer pins.
+enum Newer {
+    /// Nothing newer; whether a partial restore is still owed.
+    Same(History),
+    /// A move re-pinned the session but did not finish its restore: finish
+    /// it (onto this worker, or another if it is not usable).
+    Unfinished(String),
+}
+
 impl Proxy {
     /// Runs after routing, before the first attempt.
     pub(super) async fn ensure_continuity(
         &self,
         route: &mut Route,
         live: &Live,
-        workers: &BackendSet,
+        workers: &Arc<BackendSet>,
     ) -> Result<History, ProxyError> {
         match route.outcome {
             PinOutcome::New | PinOutcome::Invalid(_) => Ok(History::Whole),
@@ -60,17 +70,54 @@ impl Proxy {
                 let to = route.backend.clone();
                 self.relocate(route, live, workers, to, reason).await
             }
-            PinOutcome::Kept => {
-                let owed = self.follow_newer_pin(route, workers);
-                if !restarted_under(route) {
-                    return Ok(owed);
+            PinOutcome::Kept => match self.follow_newer_pin(route, workers) {
+                Newer::Unfinished(backend) => {
+                    let to = match workers.get(&backend).filter(|b| b.is_usable()) {
+                        Some(b) => b.clone(),
+                        None => {
+                            balancer::choose_repin(&route.pin.session.0, workers, Some(&backend))
+                                .ok_or(ProxyError::NoWorker)?
+                        }
+                    };
+                    self.relocate(route, live, workers, to, MoveReason::Resumed)
+                        .await
                 }
-                // The worker restarted with empty memory: restore into it.
-                let to = route.backend.clone();
-                self.relocate(route, live, workers, to, MoveReason::Restarted)
-                    .await
-            }
+                Newer::Same(owed) if !restarted_under(route) => Ok(owed),
+                Newer::Same(_) => {
+                    // The worker restarted with empty memory: restore into it.
+                    let to = route.backend.clone();
+                    self.relocate(route, live, workers, to, MoveReason::Restarted)
+                        .await
+                }
+            },
         }
+    }
+
+    /// A stale cookie (older epoch) follows a newer pin this replica knows
+    /// about, when that worker is usable. Also tells whether an earlier
+    /// move restored the session without acknowledged turns and no 2xx
+    /// response has said so yet (one lookup for both, on every kept pin).
+    fn follow_newer_pin(&self, route: &mut Route, workers: &BackendSet) -> Newer {
+        let Some(o) = self.0.continuity.newer_pin(route.pin.session) else {
+            return Newer::Same(History::Whole);
+        };
+        let owed = if o.partial {
+            History::Partial
+        } else {
+            History::Whole
+        };
+        if o.epoch <= route.pin.epoch {
+            return Newer::Same(owed);
+        }
+        if !o.restored {
+            return Newer::Unfinished(o.backend);
+        }
+        let Some(b) = workers.get(&o.backend).filter(|b| b.is_usable()) else {
+            return Newer::Same(owed);
+        };
+        let now = self.0.clock.now_unix();
+        route.land(b.clone(), o.epoch, o.instance, now);
+        Newer::Same(owed)
     }
 
     /// A 2xx response carried `Tether-Restore: partial`: the debt is paid.
@@ -78,37 +125,14 @@ impl Proxy {
         self.0.continuity.partial_reported(route.pin.session);
     }
 
-    /// A stale cookie (older epoch) follows a newer pin this replica knows
-    /// about, when that worker is usable. Also tells whether an earlier
-    /// move restored the session without acknowledged turns and no 2xx
-    /// response has said so yet (one lookup for both, on every kept pin).
-    fn follow_newer_pin(&self, route: &mut Route, workers: &BackendSet) -> History {
-        let Some(o) = self.0.continuity.newer_pin(route.pin.session) else {
-            return History::Whole;
-        };
-        let owed = if o.partial {
-            History::Partial
-        } else {
-            History::Whole
-        };
-        if o.epoch <= route.pin.epoch || !o.restored {
-            return owed;
-        }
-        let Some(b) = workers.get(&o.backend).filter(|b| b.is_usable()) else {
-            return owed;
-        };
-        let now = self.0.clock.now_unix();
-        route.land(b.clone(), o.epoch, o.instance, now);
-        owed
-    }
-
     /// Moves the route's session to `to` (restoring its threads there
-    /// first) and points the route at where it landed.
+    /// first) and points the route at where it landed. The move runs as its
+    /// own task: a client that goes away cannot stop it half-way.
     pub(super) async fn relocate(
         &self,
         route: &mut Route,
         live: &Live,
-        workers: &BackendSet,
+        workers: &Arc<BackendSet>,
         to: Arc<Backend>,
         reason: MoveReason,
     ) -> Result<History, ProxyError> {
@@ -122,8 +146,19 @@ impl Proxy {
         };
         route.outcome = PinOutcome::Moved(reason);
         route.from = Some(mv.from.clone());
+        let task = {
+            let (c, workers, live, mv, to) = (
+                self.0.continuity.clone(),
+                workers.clone(),
+                self.0.live.load_full(),
+                mv.clone(),
+                to.clone(),
+            );
+            tokio::spawn(async move { restore::run(&c, &workers, &live, &mv, to).await })
+        };
+        let moved = task.await.unwrap_or(Err(MoveError::Aborted));
         let now = self.0.clock.now_unix();
-        match restore::run(&self.0.continuity, workers, live, &mv, to.clone()).await {
+        match moved {
             Ok(landing) => {
                 let history = if landing.partial {
                     History::Partial

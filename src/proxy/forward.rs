@@ -129,6 +129,9 @@ impl Proxy {
             next_body = this_body.try_clone();
             let watch = this_body.watch();
             let req = upstream_request(&parts, &path, &route, &outbound, this_body);
+            // A move of this session waits while the request is on its way
+            // to the worker and until its checkpoint is recorded.
+            let in_flight = self.0.continuity.in_flight(route.pin.session);
             let sent = self.send(live, &route, fresh, req, &watch).await;
             let failure = match sent {
                 Ok(sent) => {
@@ -144,6 +147,7 @@ impl Proxy {
                     let mut resp = self
                         .respond(sent, &route, live, peer, client_upgrade)
                         .await?;
+                    drop(in_flight);
                     if let Some(mark) = history.mark() {
                         resp.headers_mut()
                             .insert(TETHER_RESTORE, HeaderValue::from_static(mark));
@@ -164,6 +168,7 @@ impl Proxy {
                     &mut blamed,
                 ),
             };
+            drop(in_flight);
             let last = trace.attempts >= live.config.limits.max_attempts;
             match failure {
                 Attempt::Fail(error) => return Err(error),

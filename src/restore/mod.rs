@@ -95,6 +95,9 @@ pub(crate) enum MoveError {
     /// Other replicas kept re-pinning, or no worker is left.
     #[error("the re-pin did not settle (other replicas kept moving it, or no worker is left)")]
     Contended,
+    /// The move's task ended without an answer (it panicked).
+    #[error("the move's task ended without an answer")]
+    Aborted,
 }
 
 /// Moves `mv.session` to `to`, restoring its threads first.
@@ -160,6 +163,10 @@ async fn drive(
     let mut facts = Facts::new(state.on_restore_failure);
     let mut restore_error = None;
     let mut missing = 0;
+    // The winning replica restored without acknowledged turns, or a worker
+    // kept a divergent copy of a thread.
+    let mut winner_partial = false;
+    let mut diverged = false;
     loop {
         facts.expired = Instant::now() >= deadline;
         match machine::next(&facts) {
@@ -170,7 +177,8 @@ async fn drive(
                     .get(&mv.from)
                     .filter(|b| mv.reason == MoveReason::Drained && b.is_usable());
                 let (captures, n) =
-                    complete_captures(c, &session, handing_over, state, deadline).await?;
+                    complete_captures(c, mv.session, &session, handing_over, state, deadline)
+                        .await?;
                 facts.captures = Some(captures);
                 missing = n;
             }
@@ -188,10 +196,15 @@ async fn drive(
                 };
                 let restored = restore_into(c, live, &session, mv, &t, outcome, deadline).await;
                 facts.restored = Some(restored.is_ok());
+                // A worker that kept its own (divergent) copy of a thread
+                // serves it: what the store held beyond it is not shown.
+                diverged |= restored.as_ref().is_ok_and(|d| *d);
                 restore_error = restored.err();
             }
             Step::FollowWinner => {
-                facts.winner = Some(follow_winner(c, &session, t.epoch, deadline).await?);
+                let (winner, partial) = follow_winner(c, &session, t.epoch, deadline).await?;
+                facts.winner = Some(winner);
+                winner_partial = partial;
             }
             Step::Repick => {
                 // The winner's worker (`t.from` now) is gone here too.
@@ -203,7 +216,9 @@ async fn drive(
                     t.instance = None;
                 }
             }
-            Step::Done(outcome) => return Ok(land(c, mv, t, outcome, missing)),
+            Step::Done(outcome) => {
+                return Ok(land(c, mv, t, outcome, missing, winner_partial || diverged))
+            }
             Step::Fail(why) => {
                 return Err(match why {
                     Failure::Timeout => MoveError::Timeout(state.restore_timeout),
@@ -240,6 +255,7 @@ fn already_moved(c: &Continuity, workers: &BackendSet, mv: &Move) -> Option<Land
 /// Returns the verdict and how many threads miss turns.
 async fn complete_captures(
     c: &Continuity,
+    id: SessionId,
     session: &str,
     handing_over: Option<&Arc<Backend>>,
     state: &State,
@@ -275,6 +291,24 @@ async fn complete_captures(
     while ledger.running(session) > 0 && Instant::now() < pulls_until {
         let _ = tokio::time::timeout_at(pulls_until, ledger.settled()).await;
     }
+    // A request of this session still on its way to the worker it leaves
+    // may bring a turn: the move waits for it (bounded).
+    let mut in_flight = c.requests_in_flight(id);
+    while in_flight > 0 && Instant::now() < pulls_until {
+        let settled = c.request_settled();
+        tokio::pin!(settled);
+        settled.as_mut().enable();
+        in_flight = c.requests_in_flight(id);
+        if in_flight > 0 {
+            let _ = tokio::time::timeout_at(pulls_until, settled).await;
+            in_flight = c.requests_in_flight(id);
+        }
+    }
+    // A pull above may have met a store blip and left its write in the
+    // outage buffer: it must reach the store before the restore reads it.
+    if !c.flush(Some(session), deadline).await {
+        return Err(MoveError::Store(StoreError::Unavailable));
+    }
     let link = c.link();
     let store = link.get()?;
     if let Some(from) = handing_over {
@@ -297,6 +331,20 @@ async fn complete_captures(
         .into_iter()
         .filter(|p| p.acked > head(&p.thread))
         .collect();
+    if in_flight > 0 {
+        tracing::info!(
+            session,
+            requests = in_flight,
+            "requests still in flight to the worker the session leaves"
+        );
+        return Ok((
+            Captures::Missing {
+                certain: false,
+                overdue: false,
+            },
+            missing.len().max(1),
+        ));
+    }
     if missing.is_empty() {
         return Ok((Captures::Complete, 0));
     }
@@ -367,7 +415,7 @@ async fn restore_into(
     t: &Target,
     done: RestoreOutcome,
     deadline: Instant,
-) -> Result<(), MoveError> {
+) -> Result<bool, MoveError> {
     let link = c.link();
     let store = link.get()?;
     let started = Instant::now();
@@ -385,6 +433,7 @@ async fn restore_into(
     let result = threads::restore_threads(c, &t.backend, live, session, t.epoch, deadline).await;
     let ms = started.elapsed().as_millis() as u64;
     let (outcome, sent) = match &result {
+        Ok(r) if r.diverged > 0 => (RestoreOutcome::Partial, r.threads),
         Ok(r) => (done, r.threads),
         Err(_) => (RestoreOutcome::Failed, 0),
     };
@@ -425,17 +474,17 @@ async fn restore_into(
     if let Err(e) = link.call(log_deadline, store.announce(&row)).await {
         tracing::warn!(error = %e, "cannot announce the re-pin");
     }
-    Ok(())
+    Ok(report.diverged > 0)
 }
 
 /// Another replica won the re-pin: wait (at most half of what is left) for
-/// its restore outcome.
+/// its restore outcome (and whether it was partial).
 async fn follow_winner(
     c: &Continuity,
     session: &str,
     epoch: u64,
     deadline: Instant,
-) -> Result<Winner, MoveError> {
+) -> Result<(Winner, bool), MoveError> {
     let now = Instant::now();
     let until = now + deadline.saturating_duration_since(now) / 2;
     let link = c.link();
@@ -445,12 +494,13 @@ async fn follow_winner(
             .call(deadline, store.restore_outcome(session, epoch))
             .await?
         {
-            Some(RestoreOutcome::Restored | RestoreOutcome::Partial | RestoreOutcome::Followed) => {
-                return Ok(Winner::Done)
+            Some(RestoreOutcome::Restored | RestoreOutcome::Followed) => {
+                return Ok((Winner::Done, false))
             }
-            Some(RestoreOutcome::Failed) => return Ok(Winner::NotDone),
+            Some(RestoreOutcome::Partial) => return Ok((Winner::Done, true)),
+            Some(RestoreOutcome::Failed) => return Ok((Winner::NotDone, false)),
             Some(RestoreOutcome::Running) | None if Instant::now() >= until => {
-                return Ok(Winner::NotDone)
+                return Ok((Winner::NotDone, false))
             }
             Some(RestoreOutcome::Running) | None => tokio::time::sleep(FOLLOW_POLL).await,
         }
@@ -458,7 +508,14 @@ async fn follow_winner(
 }
 
 /// The move is over: remember the new pin, settle the ledger.
-fn land(c: &Continuity, mv: &Move, t: Target, outcome: RestoreOutcome, missing: usize) -> Landing {
+fn land(
+    c: &Continuity,
+    mv: &Move,
+    t: Target,
+    outcome: RestoreOutcome,
+    missing: usize,
+    winner_partial: bool,
+) -> Landing {
     let instance = t
         .instance
         .unwrap_or_else(|| t.backend.instance().unwrap_or_default());
@@ -471,14 +528,14 @@ fn land(c: &Continuity, mv: &Move, t: Target, outcome: RestoreOutcome, missing: 
             backend: t.backend.id.clone(),
             instance: instance.clone(),
             restored: true,
-            partial: outcome == RestoreOutcome::Partial,
+            partial: outcome == RestoreOutcome::Partial || winner_partial,
         },
     );
     let partial = c.overrides().owes_partial(mv.session);
     // What was acknowledged before the move is now stored, or reported
     // missing (once) with this partial restore.
     c.ledger().settle_session(&mv.session.to_hex());
-    if outcome == RestoreOutcome::Partial {
+    if outcome == RestoreOutcome::Partial || winner_partial {
         tracing::warn!(session = %mv.session, from = %mv.from, to = %t.backend.id, threads = missing, "restored without acknowledged turns that never reached the store");
     }
     Landing {

@@ -67,6 +67,8 @@ pub struct Handle {
     tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
     health: Health,
     cancel: CancellationToken,
+    serving: CancellationToken,
+    continuity: Continuity,
     tasks: JoinSet<()>,
 }
 
@@ -98,7 +100,11 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
         Some(t) => Some(tls::server_config(t)?),
         None => None,
     }));
+    // `cancel` stops everything at once; `serving` only the listeners. A
+    // graceful stop ends serving first, lets in-flight requests finish,
+    // captures what they announced, then stops the background tasks.
     let cancel = CancellationToken::new();
+    let serving = cancel.child_token();
     let limit = ConnLimit::new(config.limits.max_connections, metrics.clone());
     let mut tasks = JoinSet::new();
 
@@ -133,10 +139,11 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
                 proxy.clone(),
                 live.clone(),
                 limit.clone(),
-                cancel.clone(),
+                serving.clone(),
             ));
         }
     }
+    let continuity_handle = continuity.clone();
     if let Some(l) = admin_listener {
         let admin = Admin {
             live: live.clone(),
@@ -145,7 +152,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
             metrics,
             upstream,
         };
-        tasks.spawn(admin::serve(l, admin, cancel.clone()));
+        tasks.spawn(admin::serve(l, admin, serving.clone()));
     }
     tracing::info!(
         http = http_addr.map(|a| a.to_string()).unwrap_or_default(),
@@ -164,6 +171,8 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
         tls,
         health,
         cancel,
+        serving,
+        continuity: continuity_handle,
         tasks,
     })
 }
@@ -214,25 +223,30 @@ impl Handle {
         &self.sessions
     }
 
-    /// A token that stops the server when cancelled.
+    /// A token that stops everything at once when cancelled (no grace).
     pub fn shutdown_token(&self) -> CancellationToken {
         self.cancel.clone()
     }
 
-    /// Stops accepting, lets in-flight requests finish within
-    /// `shutdown.grace`, and returns when everything has stopped.
+    /// Stops gracefully: stops accepting, lets in-flight requests finish
+    /// within `shutdown.grace`, captures what their responses announced
+    /// (and flushes the outage buffer) within `state.restore_timeout`, then
+    /// stops the background tasks.
     pub async fn stop(mut self) {
-        self.cancel.cancel();
+        self.serving.cancel();
         while let Some(r) = self.tasks.join_next().await {
             if let Err(e) = r {
                 tracing::error!(error = %e, "server task failed");
             }
         }
-    }
-
-    /// Waits until the server stops (after the shutdown token fires).
-    pub async fn wait(self) {
-        self.cancel.cancelled().await;
-        self.stop().await;
+        let within = self.live.load().config.state.restore_timeout;
+        let deadline = tokio::time::Instant::now() + within;
+        if !self.continuity.finish(deadline).await {
+            tracing::warn!(
+                within = ?within,
+                "stopped before every announced change was captured"
+            );
+        }
+        self.cancel.cancel();
     }
 }

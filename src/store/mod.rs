@@ -132,8 +132,20 @@ pub(crate) struct ThreadWrite {
     pub entries: Vec<(u64, String)>,
     /// The thread's opaque state JSON, if the worker sent one.
     pub state: Option<String>,
+    /// The worker's head seq when it exported that state: a state is kept
+    /// only over an older one.
+    pub state_seq: u64,
     /// Unix seconds.
     pub now: u64,
+}
+
+/// A stored thread's head: its contiguous seq and the body of that entry.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Head {
+    /// Highest contiguous stored seq (0 when unknown).
+    pub(crate) seq: u64,
+    /// The entry at `seq`, to check a worker still holds the same thread.
+    pub(crate) body: Option<String>,
 }
 
 /// One restore, as logged in `tether_restores`.
@@ -183,8 +195,8 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
         thread_id: &'a str,
         upto: u64,
     ) -> StoreFuture<'a, Vec<String>>;
-    /// The thread's stored head seq (0 when unknown).
-    fn thread_seq<'a>(&'a self, session_id: &'a str, thread_id: &'a str) -> StoreFuture<'a, u64>;
+    /// The thread's stored head (seq 0 when unknown).
+    fn thread_head<'a>(&'a self, session_id: &'a str, thread_id: &'a str) -> StoreFuture<'a, Head>;
     /// Appends entries (`ON CONFLICT DO NOTHING`), advances the thread's seq
     /// over contiguous entries only, stores `state` when given; returns the
     /// new head seq. Fenced: in the same transaction the session's row is

@@ -10,8 +10,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::Row;
 
 use super::{
-    Appended, Fence, Repin, RestoreRow, SessionRow, Store, StoreError, StoreFuture, ThreadRow,
-    ThreadWrite,
+    Appended, Fence, Head, Repin, RestoreRow, SessionRow, Store, StoreError, StoreFuture,
+    ThreadRow, ThreadWrite,
 };
 use crate::restore::RestoreOutcome;
 
@@ -226,16 +226,23 @@ macro_rules! impl_store {
                 })
             }
 
-            fn thread_seq<'a>(&'a self, session_id: &'a str, thread_id: &'a str) -> StoreFuture<'a, u64> {
+            fn thread_head<'a>(&'a self, session_id: &'a str, thread_id: &'a str) -> StoreFuture<'a, Head> {
                 Box::pin(async move {
-                    let row = sqlx::query("SELECT seq FROM tether_threads WHERE session_id = $1 AND thread_id = $2")
-                        .bind(session_id)
-                        .bind(thread_id)
-                        .fetch_optional(&self.pool)
-                        .await?;
+                    let row = sqlx::query(
+                        "SELECT t.seq AS seq, e.body AS body FROM tether_threads t \
+                         LEFT JOIN tether_entries e ON e.session_id = t.session_id AND e.thread_id = t.thread_id AND e.seq = t.seq \
+                         WHERE t.session_id = $1 AND t.thread_id = $2",
+                    )
+                    .bind(session_id)
+                    .bind(thread_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
                     Ok(match row {
-                        Some(r) => to_u64(r.try_get("seq")?),
-                        None => 0,
+                        Some(r) => Head {
+                            seq: to_u64(r.try_get("seq")?),
+                            body: r.try_get("body")?,
+                        },
+                        None => Head::default(),
                     })
                 })
             }
@@ -305,17 +312,22 @@ macro_rules! impl_store {
                         }
                         seq = s;
                     }
+                    // The state follows the newest export that carried one.
                     sqlx::query(
-                        "INSERT INTO tether_threads (session_id, thread_id, seq, state, updated_at) VALUES ($1, $2, $3, $4, $5) \
+                        "INSERT INTO tether_threads (session_id, thread_id, seq, state, state_seq, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
                          ON CONFLICT (session_id, thread_id) DO UPDATE SET \
                            seq = CASE WHEN excluded.seq > tether_threads.seq THEN excluded.seq ELSE tether_threads.seq END, \
-                           state = COALESCE(excluded.state, tether_threads.state), \
+                           state = CASE WHEN excluded.state IS NOT NULL AND excluded.state_seq >= tether_threads.state_seq \
+                                        THEN excluded.state ELSE tether_threads.state END, \
+                           state_seq = CASE WHEN excluded.state IS NOT NULL AND excluded.state_seq > tether_threads.state_seq \
+                                        THEN excluded.state_seq ELSE tether_threads.state_seq END, \
                            updated_at = excluded.updated_at",
                     )
                     .bind(&w.session_id)
                     .bind(&w.thread_id)
                     .bind(to_i64(seq))
                     .bind(w.state.as_deref())
+                    .bind(to_i64(if w.state.is_some() { w.state_seq } else { 0 }))
                     .bind(to_i64(w.now))
                     .execute(&mut *tx)
                     .await?;

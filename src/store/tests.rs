@@ -48,6 +48,7 @@ async fn suite(s: Arc<dyn Store>) {
         thread_id: "t".into(),
         entries,
         state: state.map(str::to_owned),
+        state_seq: 2,
         now: 10,
     };
     // s1 is at epoch 2 on b (the re-pin above).
@@ -71,8 +72,9 @@ async fn suite(s: Arc<dyn Store>) {
         Appended::Head(4),
         "gap filled"
     );
-    assert_eq!(s.thread_seq("s1", "t").await.unwrap(), 4);
-    assert_eq!(s.thread_seq("s1", "nope").await.unwrap(), 0);
+    let head = s.thread_head("s1", "t").await.unwrap();
+    assert_eq!((head.seq, head.body.as_deref()), (4, Some("{\"seq\":4}")));
+    assert_eq!(s.thread_head("s1", "nope").await.unwrap(), Head::default());
     let threads = s.threads("s1").await.unwrap();
     assert_eq!(threads.len(), 1);
     assert_eq!(
@@ -82,6 +84,25 @@ async fn suite(s: Arc<dyn Store>) {
     );
     let bodies = s.entries("s1", "t", 4).await.unwrap();
     assert_eq!(bodies, (1..=4).map(|n| e(n).1).collect::<Vec<_>>());
+
+    // The state follows the newest export: a late (older) one never rolls
+    // it back.
+    let with_state = |state: &str, state_seq: u64| ThreadWrite {
+        state: Some(state.into()),
+        state_seq,
+        ..w(vec![], None)
+    };
+    s.append(&with_state("{\"v\":6}", 6), &fence, &seed)
+        .await
+        .unwrap();
+    s.append(&with_state("{\"v\":4}", 4), &fence, &seed)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.threads("s1").await.unwrap()[0].state.as_deref(),
+        Some("{\"v\":6}"),
+        "an older export's state is not written over a newer one"
+    );
 
     // Fencing: a capture taken under an older pin, or from a worker the
     // session left, is refused and writes nothing.
@@ -105,7 +126,11 @@ async fn suite(s: Arc<dyn Store>) {
             backend: "b".into()
         }
     );
-    assert_eq!(s.thread_seq("s1", "t").await.unwrap(), 4, "nothing written");
+    assert_eq!(
+        s.thread_head("s1", "t").await.unwrap().seq,
+        4,
+        "nothing written"
+    );
     assert_eq!(
         s.append(&stale, &Fence::Holder("b".into()), &seed)
             .await

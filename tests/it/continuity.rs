@@ -162,7 +162,21 @@ async fn a_divergent_copy_on_the_new_worker_is_kept() {
         vec![serde_json::json!({"seq": 1, "role": "user", "text": "b's own copy"})],
     );
     a.kill();
-    let v = say(&client, &base, "three").await;
+    let resp = client
+        .post(format!("{base}/chat?thread=main&message=three"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // b serves its own copy, without the turns the store holds: the client
+    // is told its history is partial.
+    assert_eq!(
+        resp.headers()
+            .get("tether-restore")
+            .map(|v| v.to_str().unwrap()),
+        Some("partial")
+    );
+    let v: Value = resp.json().await.unwrap();
     assert_eq!(v["worker"], "b");
     let now = texts(&v);
     assert_eq!(
