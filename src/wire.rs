@@ -24,3 +24,24 @@ pub(crate) const TETHER_RESTORE: HeaderName = HeaderName::from_static("tether-re
 pub(crate) fn is_tether_header(name: &HeaderName) -> bool {
     name.as_str().starts_with("tether-")
 }
+
+/// The longest `Tether-Instance` kept as sent; a longer one is replaced by
+/// a digest (the cookie holds at most 255 bytes of it, and a cut value
+/// would look like a new process on every request).
+const MAX_INSTANCE: usize = 128;
+
+/// A worker's `Tether-Instance` as tether keeps it: `None` when absent,
+/// empty or not text; a digest when longer than 128 bytes.
+pub(crate) fn instance_of(headers: &http::HeaderMap) -> Option<String> {
+    let v = headers
+        .get(TETHER_INSTANCE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())?;
+    if v.len() <= MAX_INSTANCE {
+        return Some(v.to_owned());
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(v.as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!("sha256:{hex}"))
+}

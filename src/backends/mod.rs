@@ -180,20 +180,36 @@ impl Backend {
         started.map(|t| t.elapsed())
     }
 
-    /// Counts a passive failure (502/503/504/timeout). Returns the ejection
-    /// time when this failure opened the circuit.
+    /// Counts a passive failure the worker declared itself (a
+    /// 502/503/504 answer). Returns the ejection time when this failure
+    /// opened the circuit.
     pub fn passive_failure(&self, threshold: u32, cooldown: Duration) -> Option<Duration> {
+        self.passive_suspect(threshold)
+            .then(|| self.eject(cooldown))
+    }
+
+    /// Counts a failure a client may have provoked (a reset after the
+    /// request was written, no response head in time); `true` when it
+    /// reaches `threshold` (the count starts over): the caller confirms
+    /// with a probe before ejecting.
+    pub fn passive_suspect(&self, threshold: u32) -> bool {
         let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n < threshold {
-            return None;
+            return false;
         }
         self.consecutive_failures.store(0, Ordering::Relaxed);
+        true
+    }
+
+    /// Opens the circuit now: ejected for `cooldown`, doubled for a worker
+    /// that keeps failing. Returns the ejection time.
+    pub fn eject(&self, cooldown: Duration) -> Duration {
         let k = self.ejections.fetch_add(1, Ordering::Relaxed).min(6);
         let time = cooldown.saturating_mul(1 << k);
         let until = self.now_ms() + time.as_millis() as u64;
         self.ejected_until_ms.store(until.max(1), Ordering::Relaxed);
         self.lost.notify_waiters();
-        Some(time)
+        time
     }
 
     /// A success resets the consecutive-failure count. The ejection count

@@ -1,6 +1,7 @@
 //! The worker contract's HTTP calls: export a thread (capture), import a
 //! thread (restore), poll the change feed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -136,6 +137,14 @@ pub(crate) struct Change {
     pub seq: u64,
 }
 
+/// A contract call's answer.
+struct Answer {
+    status: StatusCode,
+    body: Bytes,
+    /// The process that answered (the connection's verified instance).
+    instance: Option<Arc<str>>,
+}
+
 /// One contract request.
 struct Call<'a> {
     what: &'static str,
@@ -165,7 +174,7 @@ impl Contract {
         backend: &Backend,
         live: &Live,
         call: Call<'_>,
-    ) -> Result<(StatusCode, Bytes), ContractError> {
+    ) -> Result<Answer, ContractError> {
         let Call {
             what,
             method,
@@ -214,6 +223,7 @@ impl Contract {
                     },
                 })?;
             let status = sent.response.status();
+            let instance = sent.instance.clone();
             let body = Limited::new(sent.response.into_body(), state.max_export_bytes)
                 .collect()
                 .await
@@ -223,7 +233,11 @@ impl Contract {
                     source,
                 })?
                 .to_bytes();
-            Ok((status, body))
+            Ok(Answer {
+                status,
+                body,
+                instance,
+            })
         };
         tokio::time::timeout_at(deadline, exchange)
             .await
@@ -251,7 +265,7 @@ impl Contract {
             live.config.state.path,
             encode(thread)
         );
-        let (status, body) = self
+        let Answer { status, body, .. } = self
             .call(
                 backend,
                 live,
@@ -285,21 +299,25 @@ impl Contract {
         }
     }
 
-    /// `PUT {path}/threads/{thread}` with the whole stored thread. Only a
-    /// typed answer counts; anything else is a failed import.
+    /// `PUT {path}/threads/{thread}` with the whole stored thread, on the
+    /// process `expect` (when known). Only a typed answer counts; anything
+    /// else is a failed import. Returns the process that took it.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn import(
         &self,
         backend: &Backend,
         live: &Live,
+        expect: Option<&str>,
         session: &str,
         epoch: u64,
         thread: &str,
         body: Bytes,
         deadline: Instant,
-    ) -> Result<Imported, ContractError> {
+    ) -> Result<(Imported, Option<Arc<str>>), ContractError> {
         let pq = format!("{}/threads/{}", live.config.state.path, encode(thread));
-        let (status, _) = self
+        let Answer {
+            status, instance, ..
+        } = self
             .call(
                 backend,
                 live,
@@ -313,15 +331,15 @@ impl Contract {
                         (CONTENT_TYPE, "application/json".to_owned()),
                     ],
                     body,
-                    expect: Expect::Any,
+                    expect: expect.map_or(Expect::Any, Expect::Instance),
                     deadline,
                 },
             )
             .await?;
         match status {
-            StatusCode::CREATED => Ok(Imported::Created),
-            StatusCode::OK => Ok(Imported::Merged),
-            StatusCode::CONFLICT => Ok(Imported::Diverged),
+            StatusCode::CREATED => Ok((Imported::Created, instance)),
+            StatusCode::OK => Ok((Imported::Merged, instance)),
+            StatusCode::CONFLICT => Ok((Imported::Diverged, instance)),
             status => Err(ContractError::Status {
                 backend: backend.id.clone(),
                 what: "import",
@@ -330,22 +348,28 @@ impl Contract {
         }
     }
 
-    /// One long poll of the change feed; `None` when the worker has none
-    /// (`404`).
+    /// One long poll of the change feed, on the process `expect` (the one
+    /// the cursor belongs to, when known); `None` when the worker has none
+    /// (`404`). Returns the process that answered.
     pub(crate) async fn changes(
         &self,
         backend: &Backend,
         live: &Live,
+        expect: Option<&str>,
         cursor: &str,
         wait: Duration,
-    ) -> Result<Option<Changes>, ContractError> {
+    ) -> Result<(Option<Changes>, Option<Arc<str>>), ContractError> {
         let pq = format!(
             "{}/changes?after={}&wait={}s",
             live.config.state.path,
             encode(cursor),
             wait.as_secs()
         );
-        let (status, body) = self
+        let Answer {
+            status,
+            body,
+            instance,
+        } = self
             .call(
                 backend,
                 live,
@@ -355,22 +379,20 @@ impl Contract {
                     path_and_query: pq,
                     headers: &[],
                     body: Bytes::new(),
-                    expect: Expect::Any,
+                    expect: expect.map_or(Expect::Any, Expect::Instance),
                     deadline: Instant::now() + wait + Duration::from_secs(10),
                 },
             )
             .await?;
         match status {
-            StatusCode::OK => {
-                serde_json::from_slice(&body)
-                    .map(Some)
-                    .map_err(|source| ContractError::Body {
-                        backend: backend.id.clone(),
-                        what: "changes",
-                        source,
-                    })
-            }
-            StatusCode::NOT_FOUND => Ok(None),
+            StatusCode::OK => serde_json::from_slice(&body)
+                .map(|c| (Some(c), instance))
+                .map_err(|source| ContractError::Body {
+                    backend: backend.id.clone(),
+                    what: "changes",
+                    source,
+                }),
+            StatusCode::NOT_FOUND => Ok((None, instance)),
             status => Err(ContractError::Status {
                 backend: backend.id.clone(),
                 what: "changes",

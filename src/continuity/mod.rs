@@ -147,6 +147,22 @@ impl Continuity {
         self.0.overrides.get(session)
     }
 
+    /// `session` was forwarded to `backend` under `epoch` without its
+    /// history (`on_restore_failure = "continue"`): its next request
+    /// tries the restore again.
+    pub(crate) fn unrestored(&self, session: SessionId, epoch: u64, backend: &str) {
+        self.0.overrides.offer(
+            session,
+            Override {
+                epoch,
+                backend: backend.to_owned(),
+                instance: String::new(),
+                restored: false,
+                partial: false,
+            },
+        );
+    }
+
     /// A 2xx response told the client its history is partial.
     pub(crate) fn partial_reported(&self, session: SessionId) {
         self.0.overrides.partial_reported(session);

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::capture::{self, Hint, Source};
+use super::contract::ContractError;
 use super::overrides::Override;
 use super::{Continuity, StoreState};
 use crate::affinity::sessions::Sessions;
@@ -190,30 +191,37 @@ async fn feeds(c: Continuity, cancel: CancellationToken) {
     }
 }
 
+/// One worker's change feed. A cursor belongs to one process: the poll
+/// goes only to that process, and a new process (a restart) starts a new
+/// cursor at once instead of being asked with the old one.
 async fn feed(c: Continuity, backend: Arc<Backend>, cancel: CancellationToken) {
     let mut cursor = "0".to_owned();
-    let mut instance = backend.instance();
+    // The process the cursor belongs to (`None` until one answers).
+    let mut process: Option<Arc<str>> = None;
     let mut failures = 0u32;
     loop {
         if cancel.is_cancelled() {
             return;
         }
-        if backend.instance() != instance {
-            // A restarted worker starts a new feed.
-            instance = backend.instance();
-            cursor = "0".to_owned();
-        }
         let live = c.0.live.load_full();
         let polled = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = c.0.contract.changes(&backend, &live, &cursor, FEED_WAIT) => r,
+            r = c.0.contract.changes(&backend, &live, process.as_deref(), &cursor, FEED_WAIT) => r,
         };
         match polled {
-            Ok(Some(changes)) => {
+            Err(ContractError::InstanceChanged { seen, .. }) => {
+                tracing::debug!(backend = %backend.id, process = %seen, "worker restarted: its change feed starts over");
+                process = Some(Arc::from(seen));
+                cursor = "0".to_owned();
+            }
+            Ok((Some(changes), answered)) => {
                 failures = 0;
+                if process.is_none() {
+                    process = answered.clone();
+                }
                 let source = Source {
                     backend: backend.id.clone(),
-                    instance: instance.as_deref().map(Arc::from),
+                    instance: answered,
                     fence: Fence::Holder(backend.id.clone()),
                 };
                 for change in changes.changes {
@@ -229,18 +237,20 @@ async fn feed(c: Continuity, backend: Arc<Backend>, cancel: CancellationToken) {
                     other => other.to_string(),
                 };
             }
-            Ok(None) => {
-                // No feed on this worker: ask again only after it restarts.
+            Ok((None, answered)) => {
+                // No feed on this process: ask again only after a restart.
                 tracing::debug!(backend = %backend.id, "worker has no change feed");
+                let without = answered.or_else(|| backend.instance().map(Arc::from));
                 loop {
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                     }
-                    if backend.instance() != instance {
+                    if backend.instance().map(Arc::from) != without {
                         break;
                     }
                 }
+                (process, cursor) = (None, "0".to_owned());
             }
             Err(e) => {
                 failures = failures.saturating_add(1);

@@ -36,15 +36,6 @@ impl History {
             History::Missing => Some("failed"),
         }
     }
-
-    /// The worse of two (a retry can only add to what is missing).
-    pub(super) fn and(self, other: History) -> History {
-        match (self, other) {
-            (History::Missing, _) | (_, History::Missing) => History::Missing,
-            (History::Partial, _) | (_, History::Partial) => History::Partial,
-            _ => History::Whole,
-        }
-    }
 }
 
 /// What a kept pin learns from this replica's newer pins.
@@ -106,11 +97,13 @@ impl Proxy {
         } else {
             History::Whole
         };
+        if !o.restored && o.epoch > 0 && o.epoch >= route.pin.epoch {
+            // Re-pinned (or forwarded without history under `continue`)
+            // but never restored: finish the move first.
+            return Newer::Unfinished(o.backend);
+        }
         if o.epoch <= route.pin.epoch {
             return Newer::Same(owed);
-        }
-        if !o.restored {
-            return Newer::Unfinished(o.backend);
         }
         let Some(b) = workers.get(&o.backend).filter(|b| b.is_usable()) else {
             return Newer::Same(owed);
@@ -178,8 +171,13 @@ impl Proxy {
                 match live.config.state.on_restore_failure {
                     OnRestoreFailure::Unavailable => Err(ProxyError::Restore(e)),
                     OnRestoreFailure::Continue => {
+                        // Forwarded without history, and remembered: every
+                        // later request tries the restore again first, and
+                        // is marked until one works.
                         let instance = to.instance().unwrap_or_default();
-                        route.land(to, mv.from_epoch.saturating_add(1), instance, now);
+                        let epoch = mv.from_epoch.saturating_add(1);
+                        self.0.continuity.unrestored(mv.session, epoch, &to.id);
+                        route.land(to, epoch, instance, now);
                         Ok(History::Missing)
                     }
                 }

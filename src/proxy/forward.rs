@@ -40,8 +40,7 @@ use crate::live::Live;
 use crate::store::Fence;
 use crate::upstream::{self, Expect, Fresh, Sent, UpstreamBody, UpstreamError};
 use crate::wire::{
-    is_tether_header, TETHER_CHECKPOINT, TETHER_EPOCH, TETHER_INSTANCE, TETHER_RESTORE,
-    TETHER_SESSION,
+    instance_of, is_tether_header, TETHER_CHECKPOINT, TETHER_EPOCH, TETHER_RESTORE, TETHER_SESSION,
 };
 
 /// How one attempt failed, and what the loop does about it.
@@ -144,10 +143,13 @@ impl Proxy {
                             sent.response.status(),
                         );
                     }
-                    let mut resp = self
+                    let (mut resp, stranger) = self
                         .respond(sent, &route, live, peer, client_upgrade)
                         .await?;
                     drop(in_flight);
+                    if stranger {
+                        history = History::Missing;
+                    }
                     if let Some(mark) = history.mark() {
                         resp.headers_mut()
                             .insert(TETHER_RESTORE, HeaderValue::from_static(mark));
@@ -174,10 +176,10 @@ impl Proxy {
                 Attempt::Fail(error) => return Err(error),
                 Attempt::Restarted if !last && next_body.is_some() => {
                     let to = route.backend.clone();
-                    history = history.and(
-                        self.relocate(&mut route, live, &workers, to, MoveReason::Restarted)
-                            .await?,
-                    );
+                    // The landing says what the worker now holds.
+                    history = self
+                        .relocate(&mut route, live, &workers, to, MoveReason::Restarted)
+                        .await?;
                     self.remember(&route, live);
                     fresh = Fresh::Pooled;
                 }
@@ -200,10 +202,9 @@ impl Proxy {
                     };
                     tracing::info!(from = %route.backend.id, to = %next.id, error = %super::error::chain(&error), "retrying on another worker");
                     self.0.metrics.retry();
-                    history = history.and(
-                        self.relocate(&mut route, live, &workers, next, MoveReason::Failed)
-                            .await?,
-                    );
+                    history = self
+                        .relocate(&mut route, live, &workers, next, MoveReason::Failed)
+                        .await?;
                     self.remember(&route, live);
                     trace.outcome = Some(route.outcome);
                     fresh = Fresh::Pooled;
@@ -279,15 +280,17 @@ impl Proxy {
             return Attempt::Fail(ProxyError::ClientBody { source });
         }
         let blame = !*blamed;
-        let mut count_failure = || {
+        // Failures a client may provoke (a request that crashes its handler
+        // or runs long) eject a worker only if a probe confirms it.
+        let mut suspect = || {
             if blame {
                 *blamed = true;
-                self.passive_failure(live, workers, backend);
+                self.passive_suspect(live, workers, backend);
             }
         };
         match e {
             SendError::Timeout => {
-                count_failure();
+                suspect();
                 Attempt::Fail(ProxyError::Timeout {
                     backend: id(),
                     after: live.config.limits.response_timeout,
@@ -318,7 +321,11 @@ impl Proxy {
                     }
                 }
                 UpstreamError::ConnectTimeout { .. } | UpstreamError::Verify { .. } => {
-                    count_failure();
+                    // tether's own connection check failed: no client's doing.
+                    if blame {
+                        *blamed = true;
+                        self.passive_failure(live, workers, backend);
+                    }
                     Attempt::Elsewhere {
                         nothing_sent: u.nothing_sent(),
                         error: ProxyError::Connect {
@@ -338,7 +345,7 @@ impl Proxy {
                         return Attempt::Again;
                     }
                     if u.worker_fault() {
-                        count_failure();
+                        suspect();
                     }
                     Attempt::Elsewhere {
                         nothing_sent: u.nothing_sent(),
@@ -379,6 +386,41 @@ impl Proxy {
         }
     }
 
+    /// A failure a client may have provoked: counted like any passive
+    /// failure, but the circuit opens only if a probe on a fresh
+    /// connection fails too (three client requests that crash their
+    /// handler must not move every user of a healthy worker).
+    fn passive_suspect(&self, live: &Live, workers: &BackendSet, backend: &Arc<Backend>) {
+        if workers.usable_count() <= 1 && backend.is_usable() {
+            return;
+        }
+        let p = &live.config.passive;
+        if !backend.passive_suspect(p.failures) {
+            return;
+        }
+        let (proxy, backend) = (self.clone(), backend.clone());
+        let (settings, health) = (upstream::Settings::of(live), live.config.health.clone());
+        let cooldown = p.cooldown;
+        tokio::spawn(async move {
+            let probe =
+                proxy
+                    .0
+                    .upstream
+                    .probe(&backend.endpoint, &settings, &health.path, health.timeout);
+            let healthy = matches!(
+                tokio::time::timeout(health.timeout, probe).await,
+                Ok(Ok((status, _))) if status.is_success()
+            );
+            if healthy {
+                tracing::info!(backend = %backend.id, "consecutive failures not confirmed by a probe: worker kept");
+                return;
+            }
+            let time = backend.eject(cooldown);
+            tracing::warn!(backend = %backend.id, ejected_for = ?time, "worker ejected after consecutive failures and a failed probe");
+            proxy.0.metrics.ejection(&backend.id);
+        });
+    }
+
     fn passive_failure(&self, live: &Live, workers: &BackendSet, backend: &Backend) {
         if workers.usable_count() <= 1 && backend.is_usable() {
             // Never eject the last usable worker passively.
@@ -394,6 +436,8 @@ impl Proxy {
     /// The response rewrite: capture hints and the worker's instance read,
     /// hop-by-hop and `Tether-*` headers out, the worker's affinity cookie
     /// out, ours in, body streamed with an idle timeout; upgrades tunnelled.
+    /// Also whether the answer came from another process than the pin
+    /// names (so without the session's history).
     async fn respond(
         &self,
         sent: Sent,
@@ -401,19 +445,22 @@ impl Proxy {
         live: &Live,
         peer: &Peer,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<(Response<ProxyBody>, bool), ProxyError> {
         let Sent {
             response: mut resp,
             instance: conn_instance,
             ..
         } = sent;
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        let said = resp
-            .headers()
-            .get(TETHER_INSTANCE)
-            .and_then(|v| v.to_str().ok())
-            .map(Arc::<str>::from);
+        let said = instance_of(resp.headers()).map(Arc::<str>::from);
+        // A response from another process than the pin names (a worker
+        // that shows its instance on responses but not on the connection
+        // check): it was produced without the session's history.
+        let stranger = said.as_deref().is_some_and(|seen| {
+            !route.pin.instance.is_empty() && conn_instance.is_none() && seen != route.pin.instance
+        });
         if let Some(seen) = said.as_deref() {
+            route.backend.endpoint.saw_instance();
             if let Some(old) = route.backend.observe_instance(seen) {
                 self.instance_changed(&route.backend, &old, seen);
             }
@@ -471,10 +518,11 @@ impl Proxy {
                 );
             }
             let (parts, _) = resp.into_parts();
-            return Ok(Response::from_parts(parts, super::body::empty()));
+            return Ok((Response::from_parts(parts, super::body::empty()), stranger));
         }
         let idle = live.config.limits.stream_idle;
-        Ok(resp.map(|b: UpstreamBody| BodyExt::boxed(IdleBody::new(b, idle))))
+        let resp = resp.map(|b: UpstreamBody| BodyExt::boxed(IdleBody::new(b, idle)));
+        Ok((resp, stranger))
     }
 
     /// A worker restarted behind the same address with empty memory.

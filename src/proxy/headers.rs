@@ -205,6 +205,59 @@ pub fn rewrite_request(h: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue
     }
 }
 
+/// Whether a request path falls under the reserved worker-contract prefix,
+/// the way any worker's router might read it: percent-decoded, with
+/// backslashes as slashes, runs of slashes as one, `.` and `..` segments
+/// resolved, and letters in any case. (`/%5Ftether/x`, `//_tether/x`,
+/// `/_TETHER/x`, `/_tether%2Fx` and `/a/../_tether/x` all are.)
+pub fn is_reserved(path: &str, prefix: &str) -> bool {
+    let mut decoded = Vec::with_capacity(path.len());
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = match bytes[i] {
+            b'%' => match path
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                Some(v) => {
+                    i += 2;
+                    v
+                }
+                None => b'%',
+            },
+            b => b,
+        };
+        decoded.push(if b == b'\\' {
+            b'/'
+        } else {
+            b.to_ascii_lowercase()
+        });
+        i += 1;
+    }
+    let mut canonical: Vec<&[u8]> = Vec::new();
+    for seg in decoded.split(|&b| b == b'/') {
+        match seg {
+            b"" | b"." => {}
+            b".." => {
+                canonical.pop();
+            }
+            seg => canonical.push(seg),
+        }
+    }
+    let wanted: Vec<Vec<u8>> = prefix
+        .split('/')
+        .filter(|seg| !seg.is_empty())
+        .map(|seg| seg.to_ascii_lowercase().into_bytes())
+        .collect();
+    !wanted.is_empty()
+        && canonical.len() >= wanted.len()
+        && canonical
+            .iter()
+            .zip(&wanted)
+            .all(|(a, b)| *a == b.as_slice())
+}
+
 /// Whether a request may be sent again after it reached a worker.
 pub fn is_retry_safe(method: &Method, h: &HeaderMap) -> bool {
     method.is_idempotent() || h.contains_key(IDEMPOTENCY_KEY)

@@ -61,14 +61,7 @@ impl Route {
 impl Proxy {
     /// Refuses what must never reach a worker.
     pub(super) fn screen(req: &Request<Incoming>, live: &Live) -> Result<(), ProxyError> {
-        let prefix = &live.config.state.path;
-        let path = req.uri().path();
-        if path.starts_with(prefix.as_str())
-            && matches!(
-                path.as_bytes().get(prefix.len()),
-                None | Some(b'/') | Some(b'?')
-            )
-        {
+        if headers::is_reserved(req.uri().path(), &live.config.state.path) {
             return Err(ProxyError::ReservedPath);
         }
         headers::check_framing(req.headers())?;

@@ -198,7 +198,13 @@ async fn drive(
                 facts.restored = Some(restored.is_ok());
                 // A worker that kept its own (divergent) copy of a thread
                 // serves it: what the store held beyond it is not shown.
-                diverged |= restored.as_ref().is_ok_and(|d| *d);
+                if let Ok(report) = &restored {
+                    diverged |= report.diverged > 0;
+                    // The pin names the process that took the threads.
+                    if let Some(i) = &report.instance {
+                        t.instance = Some(i.to_string());
+                    }
+                }
                 restore_error = restored.err();
             }
             Step::FollowWinner => {
@@ -415,7 +421,7 @@ async fn restore_into(
     t: &Target,
     done: RestoreOutcome,
     deadline: Instant,
-) -> Result<bool, MoveError> {
+) -> Result<threads::Report, MoveError> {
     let link = c.link();
     let store = link.get()?;
     let started = Instant::now();
@@ -474,7 +480,7 @@ async fn restore_into(
     if let Err(e) = link.call(log_deadline, store.announce(&row)).await {
         tracing::warn!(error = %e, "cannot announce the re-pin");
     }
-    Ok(report.diverged > 0)
+    Ok(report)
 }
 
 /// Another replica won the re-pin: wait (at most half of what is left) for

@@ -2,6 +2,8 @@
 //! sent whole with `PUT`; the worker's existing thread always wins. Nothing
 //! here can delete, empty or overwrite a thread.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use tokio::time::Instant;
 
@@ -12,7 +14,7 @@ use crate::continuity::Continuity;
 use crate::live::Live;
 
 /// What a restore did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Report {
     /// Threads sent.
     pub threads: u64,
@@ -22,9 +24,15 @@ pub(crate) struct Report {
     pub merged: u64,
     /// Divergent copies kept (`409`).
     pub diverged: u64,
+    /// The one process that took every thread (the pin names it).
+    pub instance: Option<Arc<str>>,
 }
 
-/// Sends every stored thread of `session` to `backend` under `epoch`.
+/// Sends every stored thread of `session` to `backend` under `epoch`, all
+/// to one process: the one the worker's instance names now, or else the
+/// first that answers. A restart half-way fails the restore (the next
+/// request starts again) rather than leaving threads in a process the pin
+/// does not name.
 pub(crate) async fn restore_threads(
     c: &Continuity,
     backend: &Backend,
@@ -35,7 +43,10 @@ pub(crate) async fn restore_threads(
 ) -> Result<Report, MoveError> {
     let link = c.link();
     let store = link.get()?;
-    let mut report = Report::default();
+    let mut report = Report {
+        instance: backend.instance().map(Arc::from),
+        ..Report::default()
+    };
     for thread in link.call(deadline, store.threads(session)).await? {
         if thread.seq == 0 {
             // Never send an empty thread: it could only create emptiness.
@@ -56,11 +67,12 @@ pub(crate) async fn restore_threads(
             continue;
         }
         let body = import_body(bodies.len() as u64, &bodies, thread.state.as_deref());
-        let outcome = c
+        let (outcome, took) = c
             .contract()
             .import(
                 backend,
                 live,
+                report.instance.as_deref(),
                 session,
                 epoch,
                 &thread.thread_id,
@@ -72,6 +84,9 @@ pub(crate) async fn restore_threads(
                 backend: backend.id.clone(),
                 source,
             })?;
+        if report.instance.is_none() {
+            report.instance = took;
+        }
         report.threads += 1;
         match outcome {
             Imported::Created => report.created += 1,

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use http::header::HeaderMap;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::client::conn::http1::{self, SendRequest};
@@ -16,7 +15,7 @@ use super::body::OutBody;
 use super::error::UpstreamError;
 use super::pool::Pool;
 use crate::proxy::body::BoxError;
-use crate::wire::TETHER_INSTANCE;
+use crate::wire::instance_of;
 
 /// The most of a probe's answer body read (and thrown away).
 const MAX_PROBE_BODY: usize = 64 * 1024;
@@ -101,13 +100,4 @@ pub(super) async fn probe(
         .map_err(|_| verify(Box::new(super::error::TimedOut(budget))))?
         .map_err(verify)?;
     Ok((tx, answer))
-}
-
-/// A `Tether-Instance` value; an empty or non-ASCII one counts as none.
-fn instance_of(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(TETHER_INSTANCE)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-        .map(str::to_owned)
 }

@@ -42,6 +42,8 @@ pub(super) struct Pool {
     /// The worker answered verification without `Tether-Instance`: new
     /// connections skip it until a probe sees the header.
     silent: AtomicBool,
+    /// The worker has shown a `Tether-Instance` (sticky).
+    reported: AtomicBool,
     idle: Mutex<Vec<Idle>>,
 }
 
@@ -72,9 +74,16 @@ impl Endpoint {
                 host_header: super::host_value(&authority),
                 authority,
                 silent: AtomicBool::new(false),
+                reported: AtomicBool::new(false),
                 idle: Mutex::new(Vec::new()),
             }),
         }
+    }
+
+    /// A response of this worker carried a `Tether-Instance`: new
+    /// connections are verified from now on.
+    pub(crate) fn saw_instance(&self) {
+        self.pool.set_silent(false);
     }
 
     /// The worker's `host:port`.
@@ -168,7 +177,16 @@ impl Pool {
         self.silent.load(Ordering::Relaxed)
     }
 
+    /// Marks the worker silent (its verification answer had no
+    /// instance) or not; once it has shown an instance anywhere, it is
+    /// never treated as silent again.
     pub(super) fn set_silent(&self, silent: bool) {
+        if silent && self.reported.load(Ordering::Relaxed) {
+            return;
+        }
+        if !silent {
+            self.reported.store(true, Ordering::Relaxed);
+        }
         self.silent.store(silent, Ordering::Relaxed);
     }
 

@@ -12,4 +12,5 @@ mod edge;
 mod faults;
 mod forwarding;
 mod health;
+mod interleavings;
 mod tls;

@@ -106,3 +106,34 @@ fn v4_mapped_clients_show_as_v4_and_odd_hosts_stay_out_of_forwarded() {
     assert_eq!(h.get("x-forwarded-for").unwrap(), "10.1.2.3");
     assert_eq!(h.get("forwarded").unwrap(), "for=10.1.2.3;proto=http");
 }
+
+#[test]
+fn reserved_prefix_in_every_spelling_a_router_might_decode() {
+    for p in [
+        "/_tether",
+        "/_tether/",
+        "/_tether/threads/x",
+        "/%5Ftether/changes",
+        "/%5ftether/changes",
+        "//_tether/changes",
+        "/_TETHER/changes",
+        "/_tether%2Fchanges",
+        "/./_tether/changes",
+        "/x/../_tether/changes",
+        "/x/%2e%2e/_tether/changes",
+        "/\\_tether/changes",
+    ] {
+        assert!(is_reserved(p, "/_tether"), "{p} must be reserved");
+    }
+    for p in [
+        "/",
+        "/_tetherx",
+        "/_tethe",
+        "/chat/_tether",
+        "/%5Ftetherx/a",
+    ] {
+        assert!(!is_reserved(p, "/_tether"), "{p} is not reserved");
+    }
+    assert!(is_reserved("/Internal/State/x", "/internal/state"));
+    assert!(!is_reserved("/internal/x", "/internal/state"));
+}
