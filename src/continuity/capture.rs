@@ -244,6 +244,14 @@ impl CaptureQueue {
         retry
     }
 
+    /// Drops the record of `key` (its turns were refused for good).
+    pub(crate) fn forget(&self, key: &Key) {
+        let mut q = self.lock();
+        if q.records.get(key).is_some_and(|r| r.pull == Pull::Idle) {
+            q.records.remove(key);
+        }
+    }
+
     /// The store now holds `key` up to `head` (a flushed buffer write):
     /// the record goes when that covers what was acknowledged.
     pub(crate) fn stored(&self, key: &Key, head: u64) {

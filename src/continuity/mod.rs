@@ -31,7 +31,7 @@ use crate::backends::WorkerSet;
 use crate::clock::SharedClock;
 use crate::live::SharedLive;
 use crate::metrics::{ContinuityGauges, Metrics};
-use crate::store::{Appended, Fence, SessionRow, ThreadWrite};
+use crate::store::{Appended, Fence, SessionRow, StoreError, ThreadWrite};
 use buffer::{Buffered, OutageBuffer};
 use capture::{CaptureQueue, Hint, Key, Pulled, Source};
 use contract::{Contract, ContractError, Exported};
@@ -446,40 +446,28 @@ impl Continuity {
     }
 
     /// Writes buffered captures of `session` (all of them with `None`),
-    /// oldest first; stops at the first store failure (what is left stays
-    /// buffered). Returns whether the buffer holds none of them any more.
+    /// oldest first, each under its own deadline (`state.restore_timeout`,
+    /// within `deadline`); stops at the first store failure (what is left
+    /// stays buffered). The whole buffer is flushed one capture at a time,
+    /// so a move flushing its own session waits for one write, not for the
+    /// backlog. Returns whether none of them is left.
     pub(crate) async fn flush(&self, session: Option<&str>, deadline: Instant) -> bool {
-        let Ok(_one_flush) = tokio::time::timeout_at(deadline, self.0.flushing.lock()).await else {
-            return false;
-        };
-        let mut items: std::collections::VecDeque<Buffered> = match session {
-            Some(s) => self.0.buffer.take_session(s).into(),
-            None => std::iter::from_fn(|| self.0.buffer.pop()).collect(),
-        };
-        while let Some(item) = items.pop_front() {
-            let result = match self.0.link.get() {
-                Ok(store) => {
-                    let seed = self.seed(&item.key.0, &item.source);
-                    self.0
-                        .link
-                        .call(
-                            deadline,
-                            store.append(&item.write, &item.source.fence, &seed),
-                        )
-                        .await
-                }
-                Err(e) => Err(e),
+        let per_item = self.0.live.load().config.state.restore_timeout;
+        loop {
+            let Ok(one_flush) = tokio::time::timeout_at(deadline, self.0.flushing.lock()).await
+            else {
+                return false;
             };
-            match result {
-                Ok(Appended::Head(head)) => {
-                    self.0.buffer.note_head(&item.key, head);
-                    self.0.capture.stored(&item.key, head);
-                }
-                Ok(Appended::Fenced { .. }) => {
-                    self.0.metrics.capture_fenced();
-                    tracing::info!(session = %item.key.0, thread = %item.key.1, "buffered capture refused: the session moved on");
-                }
-                Err(e) => {
+            let mut items: std::collections::VecDeque<Buffered> = match session {
+                Some(s) => self.0.buffer.take_session(s).into(),
+                None => self.0.buffer.pop().into_iter().collect(),
+            };
+            if items.is_empty() {
+                return true;
+            }
+            while let Some(item) = items.pop_front() {
+                let until = deadline.min(Instant::now() + per_item);
+                if let Err(e) = self.flush_one(&item, until).await {
                     tracing::debug!(error = %e, "store still down: captures stay buffered");
                     items.push_front(item);
                     for rest in items.into_iter().rev() {
@@ -488,8 +476,38 @@ impl Continuity {
                     return false;
                 }
             }
+            drop(one_flush);
+            if session.is_some() {
+                return true;
+            }
         }
-        true
+    }
+
+    /// Writes one buffered capture, fenced.
+    async fn flush_one(&self, item: &Buffered, until: Instant) -> Result<(), StoreError> {
+        let store = self.0.link.get()?;
+        let seed = self.seed(&item.key.0, &item.source);
+        let written = self
+            .0
+            .link
+            .call(until, store.append(&item.write, &item.source.fence, &seed))
+            .await?;
+        match written {
+            Appended::Head(head) => {
+                self.0.buffer.note_head(&item.key, head);
+                self.0.capture.stored(&item.key, head);
+            }
+            Appended::Fenced { .. } => {
+                // Turns a client saw acknowledged, refused for good.
+                self.0.metrics.capture_fenced();
+                tracing::warn!(session = %item.key.0, thread = %item.key.1, "buffered capture refused: the session moved on without it");
+                self.0.capture.forget(&item.key);
+                if let Some(id) = SessionId::from_hex(&item.key.0) {
+                    self.0.overrides.owe_partial(id);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

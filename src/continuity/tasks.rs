@@ -26,6 +26,8 @@ const FEED_WAIT: Duration = Duration::from_secs(25);
 const PULLERS: usize = 4;
 /// How often the store is pinged (and the buffer flushed once it answers).
 const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// The longest one round of flushing the outage buffer runs.
+const FLUSH_ROUND: Duration = Duration::from_secs(60);
 /// How often the janitor sweeps live sessions.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// How often expired rows are deleted from the store (every n sweeps).
@@ -105,7 +107,10 @@ async fn watch(c: Continuity, cancel: CancellationToken) {
         } else if was == StoreState::Connected && !answered {
             tracing::warn!("store degraded: captures are buffered in memory until it answers");
         }
-        if answered && c.0.buffer.usage().0 > 0 && c.flush(None, deadline).await {
+        // The backlog is written one capture at a time (moves interleave),
+        // for at most a minute per watch round.
+        let backlog = Instant::now() + FLUSH_ROUND;
+        if answered && c.0.buffer.usage().0 > 0 && c.flush(None, backlog).await {
             tracing::info!("outage buffer flushed to the store");
         }
     }
