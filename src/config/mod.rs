@@ -331,8 +331,23 @@ pub struct State {
     /// `Tether-Restore: partial`); default 30 s.
     pub partial_after: Duration,
     /// Captures held in memory while the store is unreachable, in bytes
-    /// (default 32 MiB); 0 turns the buffer off.
+    /// (default 32 MiB, read at start); 0 turns the buffer off.
     pub buffer_bytes: usize,
+    /// When a response's announced changes are captured.
+    pub capture: Capture,
+}
+
+/// `state.capture`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capture {
+    /// Right after the response is delivered (default): no added latency;
+    /// a worker that dies in the few milliseconds before the pull takes
+    /// the turn with it (the next response says so).
+    Async,
+    /// Before a non-streaming response with `Tether-Checkpoint` is
+    /// delivered: its 2xx means the turn is stored (or in the outage
+    /// buffer); a turn tether could not pull gets `502` instead.
+    Sync,
 }
 
 /// `[limits]`

@@ -321,6 +321,8 @@ pub struct RawState {
     pub partial_after: String,
     /// `buffer_bytes`: captures held in memory while the store is down.
     pub buffer_bytes: i64,
+    /// `capture`: `async` (after the response) or `sync` (before it).
+    pub capture: String,
 }
 
 impl Default for RawState {
@@ -336,6 +338,7 @@ impl Default for RawState {
             max_export_bytes: 64 << 20,
             partial_after: "30s".into(),
             buffer_bytes: 32 << 20,
+            capture: "async".into(),
         }
     }
 }

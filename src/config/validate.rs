@@ -30,6 +30,7 @@ const POLICY: &[(&str, Policy)] = &[
     ("rendezvous", Policy::Rendezvous),
     ("round-robin", Policy::RoundRobin),
 ];
+const CAPTURE: &[(&str, Capture)] = &[("async", Capture::Async), ("sync", Capture::Sync)];
 const ON_RESTORE_FAILURE: &[(&str, OnRestoreFailure)] = &[
     ("unavailable", OnRestoreFailure::Unavailable),
     ("continue", OnRestoreFailure::Continue),
@@ -266,6 +267,7 @@ fn state(s: &RawState) -> R<State> {
         max_export_bytes: int("state.max_export_bytes", s.max_export_bytes, 1024, 1 << 32)?,
         partial_after: dur("state.partial_after", &s.partial_after)?,
         buffer_bytes: int("state.buffer_bytes", s.buffer_bytes, 0, 1 << 34)?,
+        capture: choice("state.capture", &s.capture, CAPTURE)?,
     })
 }
 

@@ -244,6 +244,34 @@ impl CaptureQueue {
         retry
     }
 
+    /// For a synchronous capture: takes `key`'s pull (marking it running)
+    /// unless it is stored already or another task runs it.
+    pub(crate) fn take(&self, key: &Key) -> Take {
+        let mut q = self.lock();
+        match q.records.get_mut(key) {
+            None => Take::Stored,
+            Some(rec) => match rec.pull {
+                Pull::Busy { .. } => Take::Running,
+                Pull::Queued | Pull::Idle => {
+                    rec.pull = Pull::Busy { again: false };
+                    Take::Taken(rec.source.clone())
+                }
+            },
+        }
+    }
+
+    /// A synchronous capture failed and its response is not delivered:
+    /// the turn up to `seq` was never acknowledged after all.
+    pub(crate) fn withdraw(&self, key: &Key, seq: u64) {
+        let mut q = self.lock();
+        if q.records
+            .get(key)
+            .is_some_and(|r| r.pull == Pull::Idle && r.acked == seq)
+        {
+            q.records.remove(key);
+        }
+    }
+
     /// Drops the record of `key` (its turns were refused for good).
     pub(crate) fn forget(&self, key: &Key) {
         let mut q = self.lock();
@@ -405,6 +433,17 @@ impl Inner {
         }
         false
     }
+}
+
+/// What [`CaptureQueue::take`] found.
+#[derive(Debug)]
+pub(crate) enum Take {
+    /// No record: what was announced is stored.
+    Stored,
+    /// Taken: pull it, then call `done`.
+    Taken(Source),
+    /// Another task is pulling it now.
+    Running,
 }
 
 /// A move's view of its session's pulls.

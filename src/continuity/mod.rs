@@ -33,7 +33,7 @@ use crate::live::SharedLive;
 use crate::metrics::{ContinuityGauges, Metrics};
 use crate::store::{Appended, Fence, SessionRow, StoreError, ThreadWrite};
 use buffer::{Buffered, OutageBuffer};
-use capture::{CaptureQueue, Hint, Key, Pulled, Source};
+use capture::{CaptureQueue, Hint, Key, Pulled, Source, Take};
 use contract::{Contract, ContractError, Exported};
 use overrides::{Override, Overrides};
 use writer::SessionWriter;
@@ -127,6 +127,63 @@ impl Continuity {
                 source: source.clone(),
             });
         }
+    }
+
+    /// `state.capture = "sync"`: records the announced changes and pulls
+    /// them into the store (or the outage buffer) before returning; whether
+    /// every one of them is kept. Until `deadline`.
+    pub(crate) async fn checkpoint_now(
+        &self,
+        session: SessionId,
+        value: &str,
+        source: &Source,
+        deadline: Instant,
+    ) -> bool {
+        let id: Arc<str> = Arc::from(session.to_hex());
+        let mut keys = Vec::new();
+        for (thread, seq) in capture::parse_checkpoint(value) {
+            let thread: Arc<str> = Arc::from(thread);
+            keys.push(((id.clone(), thread.clone()), seq));
+            self.note(Hint {
+                session: id.clone(),
+                thread,
+                seq,
+                source: source.clone(),
+            });
+        }
+        let ledger = &self.0.capture;
+        let mut kept = true;
+        for (key, seq) in &keys {
+            loop {
+                match ledger.take(key) {
+                    Take::Stored => break,
+                    Take::Taken(src) => {
+                        let pulled = self.pull(key, &src, deadline).await;
+                        ledger.done(key, pulled);
+                        kept &= matches!(pulled, Pulled::Head(h) if h >= *seq)
+                            || pulled == Pulled::Buffered;
+                        break;
+                    }
+                    Take::Running => {
+                        // A puller has it: wait for that pull, then look
+                        // again (it may not have covered this seq).
+                        let settled = ledger.settled();
+                        if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                            kept = false;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if !kept {
+            // The response is not delivered: its turns were never
+            // acknowledged (the async path keeps nothing for them).
+            for (key, seq) in &keys {
+                ledger.withdraw(key, *seq);
+            }
+        }
+        kept
     }
 
     /// Records an announced change and queues its capture.

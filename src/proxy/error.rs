@@ -72,6 +72,13 @@ pub(crate) enum ProxyError {
         /// The deadline that passed.
         after: Duration,
     },
+    /// `state.capture = "sync"`: the worker answered a turn tether could
+    /// not make durable (it did not export it in time).
+    #[error("worker {backend} answered, but its turn could not be captured")]
+    Uncaptured {
+        /// The backend id.
+        backend: String,
+    },
     /// Health marked the worker down while the request waited for it.
     #[error("worker {backend} was marked down while the request waited")]
     WorkerLost {
@@ -98,6 +105,7 @@ impl ProxyError {
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::WorkerLost { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Uncaptured { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -107,7 +115,8 @@ impl ProxyError {
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::Timeout { .. }
-            | ProxyError::WorkerLost { .. } => true,
+            | ProxyError::WorkerLost { .. }
+            | ProxyError::Uncaptured { .. } => true,
             ProxyError::ReservedPath
             | ProxyError::Smuggling(_)
             | ProxyError::BodyTooLarge { .. }
@@ -132,7 +141,9 @@ impl ProxyError {
             ProxyError::NoWorker
             | ProxyError::PinnedUnavailable { .. }
             | ProxyError::Restore(_) => "service unavailable, retry shortly\n",
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => "bad gateway\n",
+            ProxyError::Connect { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::Uncaptured { .. } => "bad gateway\n",
             ProxyError::Timeout { .. } | ProxyError::WorkerLost { .. } => "gateway timeout\n",
         };
         let mut resp = Response::new(full(text));

@@ -35,6 +35,7 @@ use super::{tunnel, Proxy, ProxyBody, ProxyError, Trace};
 use crate::affinity::{cookies, MoveReason};
 use crate::backends::{Backend, BackendSet};
 use crate::balancer;
+use crate::config::Capture;
 use crate::continuity::capture::Source;
 use crate::live::Live;
 use crate::store::Fence;
@@ -477,7 +478,22 @@ impl Proxy {
                 instance: instance.clone(),
                 fence: Fence::Epoch(route.pin.epoch),
             };
-            self.0.continuity.checkpoint(route.pin.session, v, &source);
+            let state = &live.config.state;
+            if state.capture == Capture::Sync && !switching && !is_event_stream(resp.headers()) {
+                // The turn is stored before the client hears of it.
+                let deadline = tokio::time::Instant::now() + state.restore_timeout;
+                let c = &self.0.continuity;
+                if !c
+                    .checkpoint_now(route.pin.session, v, &source, deadline)
+                    .await
+                {
+                    return Err(ProxyError::Uncaptured {
+                        backend: route.backend.id.clone(),
+                    });
+                }
+            } else {
+                self.0.continuity.checkpoint(route.pin.session, v, &source);
+            }
         }
         // The pin learns which process holds the session, so a restart
         // with empty memory is noticed later.
@@ -577,6 +593,17 @@ fn upstream_request(
     }
     h.insert(TETHER_EPOCH, HeaderValue::from(route.pin.epoch));
     req
+}
+
+/// Whether a response is a Server-Sent Events stream (never held back).
+fn is_event_stream(h: &HeaderMap) -> bool {
+    h.get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .get(..17)
+                .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
+        })
 }
 
 /// Drops the worker's own copy of the affinity cookie and every `Tether-*`

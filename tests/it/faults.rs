@@ -217,9 +217,28 @@ async fn restart_on_the_same_port_before_any_probe_keeps_the_history() {
 
 #[tokio::test]
 async fn restarts_at_any_moment_never_serve_a_turn_without_history() {
+    restart_storm(NO_PROBES).await;
+}
+
+/// With `state.capture = "sync"` a 2xx means the turn is stored: the same
+/// restart storm loses nothing at all (a turn whose worker died before
+/// tether pulled it is answered `502`, never acknowledged).
+#[tokio::test]
+async fn with_sync_capture_restarts_lose_no_acknowledged_turn_at_all() {
+    let users = restart_storm(&format!("{NO_PROBES}\n[state]\ncapture = \"sync\"\n")).await;
+    let partial: usize = users
+        .iter()
+        .map(|u| u.restore.values().sum::<usize>())
+        .sum();
+    assert_eq!(partial, 0, "a partial restore with sync capture");
+}
+
+/// Four users chat with worker a while a is killed -9 and restarted on the
+/// same port four times at random moments; every 2xx is checked.
+async fn restart_storm(extra: &str) -> Vec<Chat> {
     let mut a = WorkerProc::start("a").await;
     let b = WorkerProc::start("b").await;
-    let t = Tether::start(&proc_config(&[&a, &b], NO_PROBES)).await;
+    let t = Tether::start(&proc_config(&[&a, &b], extra)).await;
     let base = t.url("");
     let (users, _) = chats_on(&base, "a", 4).await;
 
@@ -261,6 +280,7 @@ async fn restarts_at_any_moment_never_serve_a_turn_without_history() {
     assert!(violations.is_empty(), "{text}");
     println!("{text}");
     t.stop().await;
+    users
 }
 
 #[sqlx::test(migrations = false)]
