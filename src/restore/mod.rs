@@ -133,6 +133,21 @@ struct Target {
     instance: Option<String>,
 }
 
+impl Target {
+    /// The session's pin as this target would store it.
+    fn row(&self, session: &str, mv: &Move, now: u64, ttl: Duration) -> SessionRow {
+        SessionRow {
+            session_id: session.to_owned(),
+            backend_id: self.backend.id.clone(),
+            instance: self.backend.instance().unwrap_or_default(),
+            epoch: self.epoch,
+            created_at: mv.issued_at,
+            last_seen: now,
+            expires_at: mv.issued_at + ttl.as_secs(),
+        }
+    }
+}
+
 async fn drive(
     c: &Continuity,
     workers: &BackendSet,
@@ -374,16 +389,7 @@ async fn compare_and_set(
     t: &mut Target,
     deadline: Instant,
 ) -> Result<Cas, MoveError> {
-    let now = c.now_unix();
-    let row = SessionRow {
-        session_id: session.to_owned(),
-        backend_id: t.backend.id.clone(),
-        instance: t.backend.instance().unwrap_or_default(),
-        epoch: t.epoch,
-        created_at: mv.issued_at,
-        last_seen: now,
-        expires_at: mv.issued_at + ttl.as_secs(),
-    };
+    let row = t.row(session, mv, c.now_unix(), ttl);
     let link = c.link();
     let store = link.get()?;
     let winner = match link.call(deadline, store.repin(&row, t.expected)).await? {
@@ -468,15 +474,7 @@ async fn restore_into(
         duration_ms = ms,
         "restored"
     );
-    let row = SessionRow {
-        session_id: session.to_owned(),
-        backend_id: t.backend.id.clone(),
-        instance: t.backend.instance().unwrap_or_default(),
-        epoch: t.epoch,
-        created_at: mv.issued_at,
-        last_seen: c.now_unix(),
-        expires_at: 0,
-    };
+    let row = t.row(session, mv, c.now_unix(), live.lifetimes.ttl);
     if let Err(e) = link.call(log_deadline, store.announce(&row)).await {
         tracing::warn!(error = %e, "cannot announce the re-pin");
     }

@@ -85,20 +85,6 @@ async fn pinned_to(t: &Tether, worker: &str) -> (reqwest::Client, String) {
     panic!("no user landed on {worker}");
 }
 
-async fn backends(t: &Tether) -> HashMap<String, Value> {
-    let v: Vec<Value> = plain()
-        .get(t.admin_url("/backends"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v.into_iter()
-        .map(|b| (b["id"].as_str().unwrap().to_owned(), b))
-        .collect()
-}
-
 /// Workers whose state is not `up`, with their state.
 async fn not_up(t: &Tether) -> Vec<String> {
     let mut out: Vec<String> = backends(t)

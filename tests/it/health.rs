@@ -1,41 +1,13 @@
 //! Worker loss: kills, passive ejection, instance changes, drain, all
 //! workers down, metrics, reload.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
 
 /// Fast probes so state changes show within a test's time.
 const FAST: &str = "[health]\ninterval = \"100ms\"\ntimeout = \"200ms\"\nfall = 2\nrise = 2\n\n[passive]\nfailures = 3\ncooldown = \"1s\"\n";
-
-async fn backends(t: &Tether) -> HashMap<String, serde_json::Value> {
-    let v: Vec<serde_json::Value> = plain()
-        .get(t.admin_url("/backends"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v.into_iter()
-        .map(|b| (b["id"].as_str().unwrap().to_owned(), b))
-        .collect()
-}
-
-async fn state_of(t: &Tether, id: &str) -> String {
-    backends(t).await[id]["state"].as_str().unwrap().to_owned()
-}
-
-async fn wait_state(t: &Tether, id: &str, want: &str) {
-    for _ in 0..200 {
-        if state_of(t, id).await == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("{id} never became {want}");
-}
 
 /// Waits (on the paused clock) until `at`, then checks `id`'s state.
 async fn state_at(t: &Tether, at: tokio::time::Instant, id: &str, want: &str, why: &str) {

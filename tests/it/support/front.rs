@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -300,29 +300,6 @@ pub async fn chat_on(base: &str, worker: &str) -> Chat {
         }
     }
     panic!("no user landed on {worker}");
-}
-
-pub async fn state_of(t: &Tether, id: &str) -> String {
-    let v: Vec<Value> = plain()
-        .get(t.admin_url("/backends"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v.iter()
-        .find(|b| b["id"] == id)
-        .map(|b| b["state"].as_str().unwrap_or("?").to_owned())
-        .unwrap_or_default()
-}
-
-pub async fn wait_state(t: &Tether, id: &str, want: &str) {
-    let until = Instant::now() + Duration::from_secs(5);
-    while state_of(t, id).await != want {
-        assert!(Instant::now() < until, "{id} never became {want}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 pub async fn stored_users(t: &Tether, session: &str) -> Vec<String> {

@@ -278,3 +278,34 @@ pub fn pg_url(pool: &sqlx::PgPool) -> String {
     let db = pool.connect_options().get_database().unwrap().to_owned();
     format!("postgres://postgres@127.0.0.1:5432/{db}")
 }
+
+/// The workers as `/backends` lists them, by id.
+pub async fn backends(t: &Tether) -> std::collections::HashMap<String, serde_json::Value> {
+    let v: Vec<serde_json::Value> = plain()
+        .get(t.admin_url("/backends"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v.into_iter()
+        .map(|b| (b["id"].as_str().unwrap().to_owned(), b))
+        .collect()
+}
+
+/// A worker's state (`up`, `down`, `draining`) as `/backends` shows it.
+pub async fn state_of(t: &Tether, id: &str) -> String {
+    backends(t).await[id]["state"].as_str().unwrap().to_owned()
+}
+
+/// Waits (bounded, 5 s) until a worker shows `want`.
+pub async fn wait_state(t: &Tether, id: &str, want: &str) {
+    for _ in 0..200 {
+        if state_of(t, id).await == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{id} never became {want}");
+}
