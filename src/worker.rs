@@ -229,6 +229,10 @@ impl RefWorker {
 
     fn chat(&self, session: &str, q: &HashMap<String, String>) -> Response<Full<Bytes>> {
         let thread = q.get("thread").cloned().unwrap_or_else(|| "main".into());
+        if !is_thread_name(&thread) {
+            // Thread names go into `Tether-Checkpoint` (`t;seq=N, …`).
+            return reply(StatusCode::BAD_REQUEST, json!({"code": "bad_thread"}));
+        }
         let message = q.get("message").cloned().unwrap_or_default();
         let later = q.contains_key("later");
         let (history, seq) = {
@@ -404,6 +408,14 @@ impl RefWorker {
             let _ = tokio::time::timeout_at(deadline, notified).await;
         }
     }
+}
+
+/// A thread name the checkpoint header can carry: 1 to 64 of
+/// `A-Z a-z 0-9 . _ -`.
+fn is_thread_name(t: &str) -> bool {
+    (1..=64).contains(&t.len())
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn header(req: &Request<Incoming>, name: &str) -> Option<String> {

@@ -64,6 +64,14 @@ struct Record {
     lost: bool,
     /// When a move first found this thread's acknowledged turns missing.
     missing_since: Option<Instant>,
+    /// The ledger's generation when this record was last announced.
+    noted: u64,
+    /// The highest seq announced by responses already delivered (async
+    /// checkpoints, the change feed).
+    acked_delivered: u64,
+    /// Seqs of synchronous captures whose responses wait for them: not
+    /// acknowledged unless their capture keeps them.
+    claims: Vec<u64>,
 }
 
 /// What a move needs to know about one thread.
@@ -95,6 +103,8 @@ pub(crate) enum Pulled {
 struct Inner {
     records: HashMap<Key, Record>,
     order: VecDeque<Key>,
+    /// Counts announcements: a move settles only what it has seen.
+    generation: u64,
 }
 
 /// The bounded ledger.
@@ -122,17 +132,31 @@ impl CaptureQueue {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records an announced change and queues its pull; `true` when the
-    /// oldest waiting thread was dropped to make room.
-    pub(crate) fn push(&self, hint: Hint) -> bool {
+    /// Records an announced change and queues its pull. When the ledger is
+    /// full a record is dropped to make room: its session is returned, so
+    /// its client can be told its history may be partial.
+    pub(crate) fn push(&self, hint: Hint) -> Option<Arc<str>> {
+        self.record(hint, false)
+    }
+
+    /// Like [`CaptureQueue::push`], for a synchronous capture whose
+    /// response waits: the claim counts as acknowledged only once kept
+    /// (see [`CaptureQueue::withdraw`]).
+    pub(crate) fn claim(&self, hint: Hint) -> Option<Arc<str>> {
+        self.record(hint, true)
+    }
+
+    fn record(&self, hint: Hint, claim: bool) -> Option<Arc<str>> {
         let key: Key = (hint.session, hint.thread);
-        let mut dropped = false;
+        let mut dropped = None;
         {
             let mut q = self.lock();
             if !q.records.contains_key(&key) && q.records.len() >= self.cap {
                 dropped = q.evict();
             }
             let q = &mut *q;
+            q.generation += 1;
+            let generation = q.generation;
             let rec = q.records.entry(key.clone()).or_insert(Record {
                 acked: 0,
                 source: hint.source.clone(),
@@ -140,7 +164,16 @@ impl CaptureQueue {
                 attempts: 0,
                 lost: false,
                 missing_since: None,
+                noted: generation,
+                acked_delivered: 0,
+                claims: Vec::new(),
             });
+            rec.noted = generation;
+            if claim {
+                rec.claims.push(hint.seq);
+            } else {
+                rec.acked_delivered = rec.acked_delivered.max(hint.seq);
+            }
             if hint.seq >= rec.acked || rec.source.backend != hint.source.backend {
                 // The newest announcement says where the thread lives now.
                 rec.source = hint.source;
@@ -260,14 +293,31 @@ impl CaptureQueue {
         }
     }
 
-    /// A synchronous capture failed and its response is not delivered:
-    /// the turn up to `seq` was never acknowledged after all.
-    pub(crate) fn withdraw(&self, key: &Key, seq: u64) {
+    /// A synchronous capture ended: its response is delivered (`kept`) or
+    /// not. A claim not kept was never acknowledged: what the record says
+    /// was acknowledged falls back to the other claims and what delivered
+    /// responses announced.
+    pub(crate) fn settle_claim(&self, key: &Key, seq: u64, kept: bool) {
         let mut q = self.lock();
-        if q.records
-            .get(key)
-            .is_some_and(|r| r.pull == Pull::Idle && r.acked == seq)
-        {
+        let Some(rec) = q.records.get_mut(key) else {
+            return;
+        };
+        if let Some(i) = rec.claims.iter().position(|&c| c == seq) {
+            rec.claims.swap_remove(i);
+        }
+        if kept {
+            rec.acked_delivered = rec.acked_delivered.max(seq);
+            return;
+        }
+        let still = rec
+            .claims
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .max(rec.acked_delivered);
+        rec.acked = still;
+        if still == 0 && rec.pull == Pull::Idle {
             q.records.remove(key);
         }
     }
@@ -319,14 +369,20 @@ impl CaptureQueue {
         let mut q = self.lock();
         let q = &mut *q;
         q.order.clear();
+        // Queued ones, and idle ones waiting for a retry (not the lost).
         q.records
             .iter_mut()
-            .filter(|(_, r)| r.pull == Pull::Queued)
+            .filter(|(_, r)| r.pull == Pull::Queued || (r.pull == Pull::Idle && !r.lost))
             .map(|(k, r)| {
                 r.pull = Pull::Busy { again: false };
                 (k.clone(), r.source.clone())
             })
             .collect()
+    }
+
+    /// Whether the ledger holds no record at all.
+    pub(crate) fn is_clear(&self) -> bool {
+        self.lock().records.is_empty()
     }
 
     /// Whether any pull is running.
@@ -390,12 +446,18 @@ impl CaptureQueue {
         earliest
     }
 
-    /// After a move: what was acknowledged for `session` before it is now
-    /// either stored or reported missing; forget it.
-    pub(crate) fn settle_session(&self, session: &str) {
-        self.lock()
-            .records
-            .retain(|k, r| &*k.0 != session || matches!(r.pull, Pull::Busy { .. }));
+    /// The current generation (a move reads it when it checks).
+    pub(crate) fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// After a move: what was acknowledged for `session` up to the
+    /// generation the move checked is now either stored or reported
+    /// missing; forget it (not what was announced since).
+    pub(crate) fn settle_session(&self, session: &str, upto: u64) {
+        self.lock().records.retain(|k, r| {
+            &*k.0 != session || matches!(r.pull, Pull::Busy { .. }) || r.noted > upto
+        });
     }
 
     /// Threads with a pull waiting or running.
@@ -410,8 +472,9 @@ impl CaptureQueue {
 
 impl Inner {
     /// Makes room: drops a record that no pull is waiting for (lost, or
-    /// out of retries) first, else the oldest queued thread.
-    fn evict(&mut self) -> bool {
+    /// out of retries) first, else the oldest queued thread; returns the
+    /// session it belonged to.
+    fn evict(&mut self) -> Option<Arc<str>> {
         let idle = self
             .records
             .iter()
@@ -419,7 +482,7 @@ impl Inner {
             .map(|(k, _)| k.clone());
         if let Some(k) = idle {
             self.records.remove(&k);
-            return true;
+            return Some(k.0);
         }
         while let Some(key) = self.order.pop_front() {
             if self
@@ -428,10 +491,10 @@ impl Inner {
                 .is_some_and(|r| r.pull == Pull::Queued)
             {
                 self.records.remove(&key);
-                return true;
+                return Some(key.0);
             }
         }
-        false
+        None
     }
 }
 
@@ -457,11 +520,16 @@ pub(crate) struct SessionPulls {
     pub running: usize,
 }
 
+/// Most threads one `Tether-Checkpoint` may announce (more are ignored: a
+/// response changes a few threads, and the ledger is shared by everyone).
+const MAX_CHECKPOINT_ITEMS: usize = 64;
+
 /// Parses `Tether-Checkpoint: t1;seq=4, t2;seq=9` into (thread, seq).
 /// Malformed items are skipped (a worker bug must not fail the response).
 pub(crate) fn parse_checkpoint(value: &str) -> Vec<(String, u64)> {
     value
         .split(',')
+        .take(MAX_CHECKPOINT_ITEMS)
         .filter_map(|item| {
             let mut parts = item.split(';').map(str::trim);
             let thread = parts.next().filter(|t| !t.is_empty())?;

@@ -27,14 +27,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::affinity::sessions::Sessions;
 use crate::affinity::SessionId;
-use crate::backends::WorkerSet;
+use crate::backends::{Backend, WorkerSet};
 use crate::clock::SharedClock;
-use crate::live::SharedLive;
+use crate::live::{Live, SharedLive};
 use crate::metrics::{ContinuityGauges, Metrics};
 use crate::store::{Appended, Fence, SessionRow, StoreError, ThreadWrite};
 use buffer::{Buffered, OutageBuffer};
 use capture::{CaptureQueue, Hint, Key, Pulled, Source, Take};
-use contract::{Contract, ContractError, Exported};
+use contract::{Contract, ContractError, Export, Exported};
 use overrides::{Override, Overrides};
 use writer::SessionWriter;
 
@@ -78,7 +78,9 @@ impl Continuity {
         Continuity(Arc::new(Inner {
             link: StoreLink::default(),
             flights: Flights::default(),
-            overrides: Overrides::new(limits.max_sessions),
+            // Moves are rarer than sessions: newer pins for a tenth of them
+            // (at most 100 000), debts and unfinished moves kept first.
+            overrides: Overrides::new((limits.max_sessions / 10).clamp(1_000, 100_000)),
             capture: CaptureQueue::new(state.queue),
             in_flight: Arc::default(),
             buffer: OutageBuffer::new(state.buffer_bytes),
@@ -110,7 +112,7 @@ impl Continuity {
             let _ = tokio::time::timeout_at(deadline, ledger.settled()).await;
         }
         let flushed = self.flush(None, deadline).await;
-        flushed && ledger.len() == 0
+        flushed && ledger.is_clear()
     }
 
     // === what the proxy calls ===
@@ -131,7 +133,8 @@ impl Continuity {
 
     /// `state.capture = "sync"`: records the announced changes and pulls
     /// them into the store (or the outage buffer) before returning; whether
-    /// every one of them is kept. Until `deadline`.
+    /// every one of them is kept. Until `deadline`. Runs as its own task: a
+    /// client that goes away cannot leave a pull half-done.
     pub(crate) async fn checkpoint_now(
         &self,
         session: SessionId,
@@ -139,19 +142,38 @@ impl Continuity {
         source: &Source,
         deadline: Instant,
     ) -> bool {
+        let (c, value, source) = (self.clone(), value.to_owned(), source.clone());
+        let task =
+            tokio::spawn(async move { c.capture_now(session, &value, &source, deadline).await });
+        task.await.unwrap_or(false)
+    }
+
+    async fn capture_now(
+        &self,
+        session: SessionId,
+        value: &str,
+        source: &Source,
+        deadline: Instant,
+    ) -> bool {
         let id: Arc<str> = Arc::from(session.to_hex());
+        let ledger = &self.0.capture;
         let mut keys = Vec::new();
         for (thread, seq) in capture::parse_checkpoint(value) {
             let thread: Arc<str> = Arc::from(thread);
             keys.push(((id.clone(), thread.clone()), seq));
-            self.note(Hint {
+            let hint = Hint {
                 session: id.clone(),
                 thread,
                 seq,
                 source: source.clone(),
-            });
+            };
+            if let Some(victim) = ledger.claim(hint) {
+                self.0.metrics.capture_dropped();
+                if let Some(v) = SessionId::from_hex(&victim) {
+                    self.0.overrides.owe_partial(v);
+                }
+            }
         }
-        let ledger = &self.0.capture;
         let mut kept = true;
         for (key, seq) in &keys {
             loop {
@@ -176,20 +198,23 @@ impl Continuity {
                 }
             }
         }
-        if !kept {
-            // The response is not delivered: its turns were never
-            // acknowledged (the async path keeps nothing for them).
-            for (key, seq) in &keys {
-                ledger.withdraw(key, *seq);
-            }
+        // Not kept: the response is not delivered, so its turns were never
+        // acknowledged.
+        for (key, seq) in &keys {
+            ledger.settle_claim(key, *seq, kept);
         }
         kept
     }
 
     /// Records an announced change and queues its capture.
     fn note(&self, hint: Hint) {
-        if self.0.capture.push(hint) {
+        if let Some(victim) = self.0.capture.push(hint) {
+            // The ledger was full: a record of unstored acknowledged turns
+            // was dropped. Its client is told, not left unaware.
             self.0.metrics.capture_dropped();
+            if let Some(id) = SessionId::from_hex(&victim) {
+                self.0.overrides.owe_partial(id);
+            }
         }
     }
 
@@ -345,14 +370,14 @@ impl Continuity {
             Ok(_) => Err(crate::store::StoreError::Unavailable),
             Err(e) => Err(e),
         };
-        let (stored, stored_body) = match head {
+        let stored = match head {
             Ok(head) => {
                 self.0.buffer.note_head(key, head.seq);
-                (head.seq, head.body)
+                head.seq
             }
             // Ask for what is new since the last head we know (or the
             // whole thread; the store ignores duplicates).
-            Err(_) => (self.0.buffer.known_head(key).unwrap_or(0), None),
+            Err(_) => self.0.buffer.known_head(key).unwrap_or(0),
         };
         if self.0.capture.acked(key).is_some_and(|a| a <= stored) {
             // Already stored (by an earlier pull of a coalesced hint).
@@ -364,49 +389,40 @@ impl Continuity {
             return Ok(Pulled::Lost);
         };
         drop(workers);
-        // One entry more than needed: the worker must still hold the
-        // stored head as the store has it, or its thread has diverged.
-        let after = if stored_body.is_some() {
-            stored - 1
-        } else {
-            stored
-        };
-        let expect = source.instance.as_deref();
-        let exported = self
-            .0
-            .contract
-            .export(&backend, &live, expect, &key.0, &key.1, after, deadline)
-            .await;
-        let export = match exported {
-            Ok(Exported::Thread(e)) => e,
-            // The worker does not hold the thread (any more): if it was
-            // never stored, it is lost.
-            Ok(Exported::NotFound) => return Ok(Pulled::Lost),
-            Err(ContractError::InstanceChanged { .. }) => return Ok(Pulled::Lost),
-            Err(e) => return Err(CaptureError::Contract(e)),
+        // One entry more than needed: the new entries build on the worker's
+        // entry at the stored head, which the store must hold the same.
+        let export = match self
+            .export(
+                &backend,
+                &live,
+                source,
+                key,
+                stored.saturating_sub(1),
+                deadline,
+            )
+            .await?
+        {
+            Some(export) => export,
+            None => return Ok(Pulled::Lost),
         };
         let entries = capture::entries_with_seq(&export.entries).ok_or(CaptureError::NoSeq)?;
-        if let Some(stored_body) = &stored_body {
-            let theirs = entries.iter().find(|(s, _)| *s == stored).map(|(_, b)| b);
-            if !theirs.is_some_and(|b| same_entry(b, stored_body)) {
-                // The worker's thread is not the stored one (it kept its
-                // own copy over a restore, or lost entries): appending its
-                // entries would splice two histories. Nothing is written;
-                // the client is told its history is partial.
-                self.0.metrics.capture("diverged");
-                tracing::warn!(session = %key.0, thread = %key.1, backend = %source.backend, stored, "worker's thread diverges from the stored one: not captured");
-                if let Some(id) = SessionId::from_hex(&key.0) {
-                    self.0.overrides.owe_partial(id);
-                }
-                return Ok(Pulled::Lost);
+        let base = match entries.iter().find(|(s, _)| *s == stored) {
+            Some((s, body)) => Some((*s, body.clone())),
+            None if stored == 0 => None,
+            // The worker holds less than the store: its thread diverged.
+            None => {
+                return self
+                    .rebase(key, source, &backend, &live, true, deadline)
+                    .await
             }
-        }
+        };
         let entries: Vec<(u64, String)> =
             entries.into_iter().filter(|(s, _)| *s > stored).collect();
         let write = ThreadWrite {
             session_id: key.0.to_string(),
             thread_id: key.1.to_string(),
             entries,
+            base,
             state: export.state.map(|s| s.get().to_owned()),
             state_seq: export.seq,
             now: self.0.clock.now_unix(),
@@ -436,6 +452,91 @@ impl Continuity {
                 Ok(Pulled::Buffered)
             }
             Written::Dropped => Ok(Pulled::Failed),
+            // The worker kept (or made) its own copy of the thread: the
+            // store follows it instead of splicing two histories.
+            Written::Diverged => {
+                self.rebase(key, source, &backend, &live, true, deadline)
+                    .await
+            }
+        }
+    }
+
+    /// `GET …/threads/T?after=N` from the process that holds the change;
+    /// `None` when that process is gone or forgot the thread.
+    async fn export(
+        &self,
+        backend: &Backend,
+        live: &Live,
+        source: &Source,
+        key: &Key,
+        after: u64,
+        deadline: Instant,
+    ) -> Result<Option<Export>, CaptureError> {
+        let expect = source.instance.as_deref();
+        match self
+            .0
+            .contract
+            .export(backend, live, expect, &key.0, &key.1, after, deadline)
+            .await
+        {
+            Ok(Exported::Thread(e)) => Ok(Some(e)),
+            Ok(Exported::NotFound) | Err(ContractError::InstanceChanged { .. }) => Ok(None),
+            Err(e) => Err(CaptureError::Contract(e)),
+        }
+    }
+
+    /// The worker's thread diverges from the stored one (it kept its own
+    /// copy over a restore, or lost entries): the stored thread becomes the
+    /// worker's whole copy, since that is what its user sees. With `owe`,
+    /// the client is told its history is partial (what the store held
+    /// beyond the worker's copy is gone).
+    pub(crate) async fn rebase(
+        &self,
+        key: &Key,
+        source: &Source,
+        backend: &Backend,
+        live: &Live,
+        owe: bool,
+        deadline: Instant,
+    ) -> Result<Pulled, CaptureError> {
+        let link = &self.0.link;
+        if link.state() != StoreState::Connected {
+            // Retried once the store answers.
+            return Ok(Pulled::Failed);
+        }
+        let Some(export) = self.export(backend, live, source, key, 0, deadline).await? else {
+            return Ok(Pulled::Lost);
+        };
+        let entries = capture::entries_with_seq(&export.entries).ok_or(CaptureError::NoSeq)?;
+        let write = ThreadWrite {
+            session_id: key.0.to_string(),
+            thread_id: key.1.to_string(),
+            entries,
+            base: None,
+            state: export.state.map(|s| s.get().to_owned()),
+            state_seq: export.seq,
+            now: self.0.clock.now_unix(),
+        };
+        let store = link.get().map_err(CaptureError::Store)?;
+        let seed = self.seed(&key.0, source);
+        let written = link
+            .call(deadline, store.replace_thread(&write, &source.fence, &seed))
+            .await
+            .map_err(CaptureError::Store)?;
+        match written {
+            Appended::Head(head) => {
+                self.0.metrics.capture("rebased");
+                self.0.buffer.note_head(key, head);
+                tracing::warn!(session = %key.0, thread = %key.1, backend = %source.backend, head, "worker's thread diverged from the stored one: the store follows the worker's copy");
+                if owe {
+                    if let Some(id) = SessionId::from_hex(&key.0) {
+                        self.0.overrides.owe_partial(id);
+                    }
+                }
+                Ok(Pulled::Head(head))
+            }
+            Appended::Fenced { .. } => Ok(Pulled::Fenced),
+            Appended::Diverged => Ok(Pulled::Failed),
         }
     }
 
@@ -459,6 +560,7 @@ impl Continuity {
         };
         match result {
             Ok(Appended::Head(h)) => Ok(Written::Stored(h)),
+            Ok(Appended::Diverged) => Ok(Written::Diverged),
             Ok(Appended::Fenced { epoch, backend }) => {
                 tracing::info!(session = %key.0, thread = %key.1, from = %source.backend, now_on = %backend, epoch, "capture refused: the session moved on");
                 Ok(Written::Fenced)
@@ -554,6 +656,13 @@ impl Continuity {
                 self.0.buffer.note_head(&item.key, head);
                 self.0.capture.stored(&item.key, head);
             }
+            Appended::Diverged => {
+                // Written while the store was down on top of a thread the
+                // worker no longer shares: pulled again (and the stored
+                // thread rebased) now that the store answers.
+                self.0.metrics.capture("diverged");
+                self.0.capture.retry(&item.key);
+            }
             Appended::Fenced { .. } => {
                 // Turns a client saw acknowledged, refused for good.
                 self.0.metrics.capture_fenced();
@@ -568,27 +677,13 @@ impl Continuity {
     }
 }
 
-/// Whether two entry texts are the same JSON (a worker may re-serialise
-/// what it was given: key order and spacing do not matter).
-fn same_entry(a: &str, b: &str) -> bool {
-    if a == b {
-        return true;
-    }
-    match (
-        serde_json::from_str::<serde_json::Value>(a),
-        serde_json::from_str::<serde_json::Value>(b),
-    ) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
-}
-
 /// What writing a capture came to.
 enum Written {
     Stored(u64),
     Fenced,
     Buffered,
     Dropped,
+    Diverged,
 }
 
 /// Why a capture pull failed (it is retried with back-off).
@@ -600,6 +695,9 @@ pub(crate) enum CaptureError {
     /// The export had an entry without a `seq`.
     #[error("export entry without a seq")]
     NoSeq,
+    /// The store failed while the stored thread was rebased.
+    #[error(transparent)]
+    Store(StoreError),
 }
 
 /// Requests in flight per session (sharded, bounded by the requests

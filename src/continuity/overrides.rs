@@ -69,9 +69,16 @@ impl Overrides {
             return;
         }
         if shard.len() >= per_shard {
-            // Bounded: forget an arbitrary entry; its session falls back to
-            // the store's CAS, which stays correct.
-            if let Some(k) = shard.keys().next().copied() {
+            // Bounded: forget an entry that only says where a session went
+            // (its session falls back to the store's compare-and-set, which
+            // stays correct), never a debt or an unfinished move.
+            let plain = shard
+                .iter()
+                .find(|(_, v)| v.restored && !v.partial)
+                .map(|(k, _)| *k);
+            // When every entry carries a debt, this one joins them: the map
+            // grows past its bound by the debts outstanding.
+            if let Some(k) = plain {
                 shard.remove(&k);
             }
         }

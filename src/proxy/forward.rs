@@ -363,17 +363,22 @@ impl Proxy {
     /// Passive health from a response status: `502`/`503`/`504` count,
     /// anything else resets the count (a `500` any client can provoke
     /// must not eject a worker).
+    /// A `503` is the worker declaring itself unavailable; a `502` or `504`
+    /// is often its own upstream failing on this request's input (an LLM
+    /// API refusing a prompt), which a client can provoke: those eject only
+    /// if a probe confirms.
     fn passive_outcome(
         &self,
         live: &Live,
         workers: &BackendSet,
-        backend: &Backend,
+        backend: &Arc<Backend>,
         status: StatusCode,
     ) {
         match status {
-            StatusCode::BAD_GATEWAY
-            | StatusCode::SERVICE_UNAVAILABLE
-            | StatusCode::GATEWAY_TIMEOUT => self.passive_failure(live, workers, backend),
+            StatusCode::SERVICE_UNAVAILABLE => self.passive_failure(live, workers, backend),
+            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => {
+                self.passive_suspect(live, workers, backend)
+            }
             _ => backend.passive_success(),
         }
     }

@@ -178,6 +178,8 @@ async fn drive(
     let mut facts = Facts::new(state.on_restore_failure);
     let mut restore_error = None;
     let mut missing = 0;
+    // The ledger generation the capture check saw (what the move settles).
+    let mut checked = 0;
     // The winning replica restored without acknowledged turns, or a worker
     // kept a divergent copy of a thread.
     let mut winner_partial = false;
@@ -191,16 +193,33 @@ async fn drive(
                 let handing_over = workers
                     .get(&mv.from)
                     .filter(|b| mv.reason == MoveReason::Drained && b.is_usable());
-                let (captures, n) =
+                let (captures, n, generation) =
                     complete_captures(c, mv.session, &session, handing_over, state, deadline)
                         .await?;
                 facts.captures = Some(captures);
                 missing = n;
+                checked = generation;
             }
             Step::CompareAndSet => {
                 facts.rounds += 1;
-                facts.cas =
-                    Some(compare_and_set(c, workers, &session, mv, ttl, &mut t, deadline).await?);
+                let cas = compare_and_set(c, workers, &session, mv, ttl, &mut t, deadline).await?;
+                if cas == Cas::Won {
+                    // Re-pinned but not restored yet: until a restore
+                    // lands, this session's next request here finishes the
+                    // move (its old worker must not serve it under the old
+                    // pin: every capture from there would be fenced).
+                    c.overrides().offer(
+                        mv.session,
+                        Override {
+                            epoch: t.epoch,
+                            backend: t.backend.id.clone(),
+                            instance: String::new(),
+                            restored: false,
+                            partial: false,
+                        },
+                    );
+                }
+                facts.cas = Some(cas);
                 (facts.winner, facts.restored, facts.repicked) = (None, None, None);
             }
             Step::Restore => {
@@ -238,7 +257,9 @@ async fn drive(
                 }
             }
             Step::Done(outcome) => {
-                return Ok(land(c, mv, t, outcome, missing, winner_partial || diverged))
+                let known_missing = facts.partial();
+                let partial = winner_partial || diverged || known_missing;
+                return Ok(land(c, mv, t, outcome, (missing, checked), partial));
             }
             Step::Fail(why) => {
                 return Err(match why {
@@ -281,7 +302,7 @@ async fn complete_captures(
     handing_over: Option<&Arc<Backend>>,
     state: &State,
     deadline: Instant,
-) -> Result<(Captures, usize), MoveError> {
+) -> Result<(Captures, usize, u64), MoveError> {
     // A store known to be down fails the move at once (the watch finds out
     // within a second when it answers again) instead of at the deadline.
     if c.store_state() != StoreState::Connected {
@@ -347,6 +368,7 @@ async fn complete_captures(
     }
     let heads = link.call(deadline, store.threads(session)).await?;
     let head = |t: &str| heads.iter().find(|h| h.thread_id == t).map_or(0, |h| h.seq);
+    let checked = ledger.generation();
     let missing: Vec<_> = ledger
         .pending(session)
         .into_iter()
@@ -364,10 +386,11 @@ async fn complete_captures(
                 overdue: false,
             },
             missing.len().max(1),
+            checked,
         ));
     }
     if missing.is_empty() {
-        return Ok((Captures::Complete, 0));
+        return Ok((Captures::Complete, 0, checked));
     }
     let threads: Vec<Arc<str>> = missing.iter().map(|p| p.thread.clone()).collect();
     let since = ledger.missing_since(session, &threads, Instant::now());
@@ -376,7 +399,11 @@ async fn complete_captures(
     for p in &missing {
         tracing::info!(session, thread = %p.thread, acknowledged = p.acked, stored = head(&p.thread), holder = %p.source.backend, lost = p.lost, "acknowledged turns not in the store");
     }
-    Ok((Captures::Missing { certain, overdue }, missing.len()))
+    Ok((
+        Captures::Missing { certain, overdue },
+        missing.len(),
+        checked,
+    ))
 }
 
 /// One compare-and-set round; updates the target when another move won.
@@ -517,7 +544,7 @@ fn land(
     mv: &Move,
     t: Target,
     outcome: RestoreOutcome,
-    missing: usize,
+    (missing, checked): (usize, u64),
     winner_partial: bool,
 ) -> Landing {
     let instance = t
@@ -538,7 +565,7 @@ fn land(
     let partial = c.overrides().owes_partial(mv.session);
     // What was acknowledged before the move is now stored, or reported
     // missing (once) with this partial restore.
-    c.ledger().settle_session(&mv.session.to_hex());
+    c.ledger().settle_session(&mv.session.to_hex(), checked);
     if outcome == RestoreOutcome::Partial || winner_partial {
         tracing::warn!(session = %mv.session, from = %mv.from, to = %t.backend.id, threads = missing, "restored without acknowledged turns that never reached the store");
     }

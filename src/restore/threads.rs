@@ -9,9 +9,11 @@ use tokio::time::Instant;
 
 use super::MoveError;
 use crate::backends::Backend;
-use crate::continuity::contract::Imported;
+use crate::continuity::capture::{Key, Source};
+use crate::continuity::contract::{ContractError, Imported};
 use crate::continuity::Continuity;
 use crate::live::Live;
+use crate::store::Fence;
 
 /// What a restore did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -80,9 +82,18 @@ pub(crate) async fn restore_threads(
                 deadline,
             )
             .await
-            .map_err(|source| MoveError::Restore {
-                backend: backend.id.clone(),
-                source,
+            .map_err(|source| {
+                if let ContractError::InstanceChanged { seen, .. } = &source {
+                    // The worker restarted under the restore: the next
+                    // move restores into the new process.
+                    if backend.observe_instance(seen).is_some() {
+                        c.metrics().instance_change(&backend.id);
+                    }
+                }
+                MoveError::Restore {
+                    backend: backend.id.clone(),
+                    source,
+                }
             })?;
         if report.instance.is_none() {
             report.instance = took;
@@ -94,6 +105,20 @@ pub(crate) async fn restore_threads(
             Imported::Diverged => {
                 tracing::warn!(session, thread = %thread.thread_id, backend = %backend.id, "worker holds a divergent thread: kept as it is");
                 report.diverged += 1;
+                // Its copy is what its user sees from now on: the stored
+                // thread follows it (the move's answer is marked partial).
+                let key: Key = (Arc::from(session), Arc::from(thread.thread_id.as_str()));
+                let source = Source {
+                    backend: backend.id.clone(),
+                    instance: report.instance.clone(),
+                    fence: Fence::Epoch(epoch),
+                };
+                if let Err(e) = c
+                    .rebase(&key, &source, backend, live, false, deadline)
+                    .await
+                {
+                    tracing::warn!(session, thread = %key.1, error = %e, "cannot rebase the stored thread on the worker's copy");
+                }
             }
         }
     }

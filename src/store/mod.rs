@@ -63,6 +63,9 @@ pub(crate) enum Fence {
 pub(crate) enum Appended {
     /// Written; the thread's contiguous head seq now.
     Head(u64),
+    /// Refused: the store holds another entry where the write builds on
+    /// the worker's (`ThreadWrite::base`): the worker's thread diverged.
+    Diverged,
     /// Refused: the session moved on to this pin.
     Fenced {
         /// The stored epoch.
@@ -130,6 +133,9 @@ pub(crate) struct ThreadWrite {
     pub thread_id: String,
     /// `(seq, entry JSON)`, ascending.
     pub entries: Vec<(u64, String)>,
+    /// The worker's entry the new ones build on (`seq`, JSON): the write
+    /// is refused when the store holds another entry at that seq.
+    pub base: Option<(u64, String)>,
     /// The thread's opaque state JSON, if the worker sent one.
     pub state: Option<String>,
     /// The worker's head seq when it exported that state: a state is kept
@@ -208,6 +214,15 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
         fence: &'a Fence,
         seed: &'a SessionRow,
     ) -> StoreFuture<'a, Appended>;
+    /// Like [`Store::append`], but `write.entries` are the whole thread
+    /// (from seq 1) and replace the stored ones: a worker that kept its own
+    /// copy of a thread is what its user sees, so the store follows it.
+    fn replace_thread<'a>(
+        &'a self,
+        write: &'a ThreadWrite,
+        fence: &'a Fence,
+        seed: &'a SessionRow,
+    ) -> StoreFuture<'a, Appended>;
     /// Logs a restore; returns its id.
     fn record_restore<'a>(&'a self, row: &'a RestoreRow) -> StoreFuture<'a, i64>;
     /// Sets a logged restore's outcome, duration and threads sent.
@@ -231,6 +246,21 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     fn pg_pool(&self) -> Option<sqlx::PgPool>;
     /// Announces a re-pin to other replicas (no-op without NOTIFY).
     fn announce<'a>(&'a self, row: &'a SessionRow) -> StoreFuture<'a, ()>;
+}
+
+/// Whether two entry texts are the same JSON (a worker may re-serialise
+/// what it was given: key order and spacing do not matter).
+pub(crate) fn same_entry(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    match (
+        serde_json::from_str::<serde_json::Value>(a),
+        serde_json::from_str::<serde_json::Value>(b),
+    ) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
 }
 
 /// Opens the store named by `state.store`, creating a SQLite file if

@@ -10,8 +10,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::Row;
 
 use super::{
-    Appended, Fence, Head, Repin, RestoreRow, SessionRow, Store, StoreError, StoreFuture,
-    ThreadRow, ThreadWrite,
+    same_entry, Appended, Fence, Head, Repin, RestoreRow, SessionRow, Store, StoreError,
+    StoreFuture, ThreadRow, ThreadWrite,
 };
 use crate::restore::RestoreOutcome;
 
@@ -101,6 +101,125 @@ macro_rules! session_from_row {
 
 macro_rules! impl_store {
     ($ty:ty, $kind:literal, $notifies:expr, $pg:expr) => {
+        impl $ty {
+            /// A fenced write of a thread's new entries (`replace`: the
+            /// entries are the whole thread and take the stored one's place).
+            async fn write_thread(&self, w: &ThreadWrite, fence: &Fence, seed: &SessionRow, replace: bool) -> Result<Appended, StoreError> {
+                {
+                    let mut tx = self.pool.begin().await?;
+                    // Lock the session's row first (a write: PostgreSQL takes
+                    // the row lock, SQLite the database write lock), so a
+                    // concurrent re-pin either commits before this check or
+                    // waits for this transaction.
+                    let pin = sqlx::query(
+                        "INSERT INTO tether_sessions (session_id, backend_id, instance, epoch, created_at, last_seen, expires_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                         ON CONFLICT (session_id) DO UPDATE SET last_seen = tether_sessions.last_seen \
+                         RETURNING epoch, backend_id",
+                    )
+                    .bind(&seed.session_id)
+                    .bind(&seed.backend_id)
+                    .bind(&seed.instance)
+                    .bind(to_i64(seed.epoch))
+                    .bind(to_i64(seed.created_at))
+                    .bind(to_i64(seed.last_seen))
+                    .bind(to_i64(seed.expires_at))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    let epoch = to_u64(pin.try_get("epoch")?);
+                    let backend: String = pin.try_get("backend_id")?;
+                    if fence.refuses(epoch, &backend) {
+                        tx.rollback().await?;
+                        return Ok(Appended::Fenced { epoch, backend });
+                    }
+                    if replace {
+                        // The worker's copy replaces the stored thread: the
+                        // store mirrors what its user now sees.
+                        sqlx::query("DELETE FROM tether_entries WHERE session_id = $1 AND thread_id = $2")
+                            .bind(&w.session_id)
+                            .bind(&w.thread_id)
+                            .execute(&mut *tx)
+                            .await?;
+                    } else if let Some((at, theirs)) = &w.base {
+                        // The entries build on the worker's entry at `at`:
+                        // the store must hold the same one there.
+                        let ours = sqlx::query("SELECT body FROM tether_entries WHERE session_id = $1 AND thread_id = $2 AND seq = $3")
+                            .bind(&w.session_id)
+                            .bind(&w.thread_id)
+                            .bind(to_i64(*at))
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                        if let Some(row) = ours {
+                            let ours: String = row.try_get("body")?;
+                            if !same_entry(&ours, theirs) {
+                                tx.rollback().await?;
+                                return Ok(Appended::Diverged);
+                            }
+                        }
+                    }
+                    for (seq, body) in &w.entries {
+                        sqlx::query(
+                            "INSERT INTO tether_entries (session_id, thread_id, seq, body) VALUES ($1, $2, $3, $4) \
+                             ON CONFLICT (session_id, thread_id, seq) DO NOTHING",
+                        )
+                        .bind(&w.session_id)
+                        .bind(&w.thread_id)
+                        .bind(to_i64(*seq))
+                        .bind(body)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    let head = sqlx::query("SELECT seq FROM tether_threads WHERE session_id = $1 AND thread_id = $2")
+                        .bind(&w.session_id)
+                        .bind(&w.thread_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    let mut seq = match head {
+                        Some(r) if !replace => to_u64(r.try_get("seq")?),
+                        _ => 0,
+                    };
+                    // Advance only over contiguous entries: a gap stops the head.
+                    let later = sqlx::query(
+                        "SELECT seq FROM tether_entries WHERE session_id = $1 AND thread_id = $2 AND seq > $3 ORDER BY seq",
+                    )
+                    .bind(&w.session_id)
+                    .bind(&w.thread_id)
+                    .bind(to_i64(seq))
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    for r in later {
+                        let s = to_u64(r.try_get("seq")?);
+                        if s != seq + 1 {
+                            break;
+                        }
+                        seq = s;
+                    }
+                    // The state follows the newest export that carried one.
+                    sqlx::query(
+                        "INSERT INTO tether_threads (session_id, thread_id, seq, state, state_seq, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
+                         ON CONFLICT (session_id, thread_id) DO UPDATE SET \
+                           seq = CASE WHEN $7 OR excluded.seq > tether_threads.seq THEN excluded.seq ELSE tether_threads.seq END, \
+                           state = CASE WHEN excluded.state IS NOT NULL AND ($7 OR excluded.state_seq >= tether_threads.state_seq) \
+                                        THEN excluded.state ELSE tether_threads.state END, \
+                           state_seq = CASE WHEN excluded.state IS NOT NULL AND ($7 OR excluded.state_seq > tether_threads.state_seq) \
+                                        THEN excluded.state_seq ELSE tether_threads.state_seq END, \
+                           updated_at = excluded.updated_at",
+                    )
+                    .bind(&w.session_id)
+                    .bind(&w.thread_id)
+                    .bind(to_i64(seq))
+                    .bind(w.state.as_deref())
+                    .bind(to_i64(if w.state.is_some() { w.state_seq } else { 0 }))
+                    .bind(to_i64(w.now))
+                    .bind(replace)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    Ok(Appended::Head(seq))
+                }
+            }
+        }
+
         impl Store for $ty {
             fn pg_pool(&self) -> Option<sqlx::PgPool> {
                 $pg(self)
@@ -248,92 +367,11 @@ macro_rules! impl_store {
             }
 
             fn append<'a>(&'a self, w: &'a ThreadWrite, fence: &'a Fence, seed: &'a SessionRow) -> StoreFuture<'a, Appended> {
-                Box::pin(async move {
-                    let mut tx = self.pool.begin().await?;
-                    // Lock the session's row first (a write: PostgreSQL takes
-                    // the row lock, SQLite the database write lock), so a
-                    // concurrent re-pin either commits before this check or
-                    // waits for this transaction.
-                    let pin = sqlx::query(
-                        "INSERT INTO tether_sessions (session_id, backend_id, instance, epoch, created_at, last_seen, expires_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                         ON CONFLICT (session_id) DO UPDATE SET last_seen = tether_sessions.last_seen \
-                         RETURNING epoch, backend_id",
-                    )
-                    .bind(&seed.session_id)
-                    .bind(&seed.backend_id)
-                    .bind(&seed.instance)
-                    .bind(to_i64(seed.epoch))
-                    .bind(to_i64(seed.created_at))
-                    .bind(to_i64(seed.last_seen))
-                    .bind(to_i64(seed.expires_at))
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    let epoch = to_u64(pin.try_get("epoch")?);
-                    let backend: String = pin.try_get("backend_id")?;
-                    if fence.refuses(epoch, &backend) {
-                        tx.rollback().await?;
-                        return Ok(Appended::Fenced { epoch, backend });
-                    }
-                    for (seq, body) in &w.entries {
-                        sqlx::query(
-                            "INSERT INTO tether_entries (session_id, thread_id, seq, body) VALUES ($1, $2, $3, $4) \
-                             ON CONFLICT (session_id, thread_id, seq) DO NOTHING",
-                        )
-                        .bind(&w.session_id)
-                        .bind(&w.thread_id)
-                        .bind(to_i64(*seq))
-                        .bind(body)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    let head = sqlx::query("SELECT seq FROM tether_threads WHERE session_id = $1 AND thread_id = $2")
-                        .bind(&w.session_id)
-                        .bind(&w.thread_id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                    let mut seq = match head {
-                        Some(r) => to_u64(r.try_get("seq")?),
-                        None => 0,
-                    };
-                    // Advance only over contiguous entries: a gap stops the head.
-                    let later = sqlx::query(
-                        "SELECT seq FROM tether_entries WHERE session_id = $1 AND thread_id = $2 AND seq > $3 ORDER BY seq",
-                    )
-                    .bind(&w.session_id)
-                    .bind(&w.thread_id)
-                    .bind(to_i64(seq))
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    for r in later {
-                        let s = to_u64(r.try_get("seq")?);
-                        if s != seq + 1 {
-                            break;
-                        }
-                        seq = s;
-                    }
-                    // The state follows the newest export that carried one.
-                    sqlx::query(
-                        "INSERT INTO tether_threads (session_id, thread_id, seq, state, state_seq, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
-                         ON CONFLICT (session_id, thread_id) DO UPDATE SET \
-                           seq = CASE WHEN excluded.seq > tether_threads.seq THEN excluded.seq ELSE tether_threads.seq END, \
-                           state = CASE WHEN excluded.state IS NOT NULL AND excluded.state_seq >= tether_threads.state_seq \
-                                        THEN excluded.state ELSE tether_threads.state END, \
-                           state_seq = CASE WHEN excluded.state IS NOT NULL AND excluded.state_seq > tether_threads.state_seq \
-                                        THEN excluded.state_seq ELSE tether_threads.state_seq END, \
-                           updated_at = excluded.updated_at",
-                    )
-                    .bind(&w.session_id)
-                    .bind(&w.thread_id)
-                    .bind(to_i64(seq))
-                    .bind(w.state.as_deref())
-                    .bind(to_i64(if w.state.is_some() { w.state_seq } else { 0 }))
-                    .bind(to_i64(w.now))
-                    .execute(&mut *tx)
-                    .await?;
-                    tx.commit().await?;
-                    Ok(Appended::Head(seq))
-                })
+                Box::pin(self.write_thread(w, fence, seed, false))
+            }
+
+            fn replace_thread<'a>(&'a self, w: &'a ThreadWrite, fence: &'a Fence, seed: &'a SessionRow) -> StoreFuture<'a, Appended> {
+                Box::pin(self.write_thread(w, fence, seed, true))
             }
 
             fn record_restore<'a>(&'a self, r: &'a RestoreRow) -> StoreFuture<'a, i64> {

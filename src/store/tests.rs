@@ -47,6 +47,7 @@ async fn suite(s: Arc<dyn Store>) {
         session_id: "s1".into(),
         thread_id: "t".into(),
         entries,
+        base: None,
         state: state.map(str::to_owned),
         state_seq: 2,
         now: 10,
@@ -103,6 +104,71 @@ async fn suite(s: Arc<dyn Store>) {
         Some("{\"v\":6}"),
         "an older export's state is not written over a newer one"
     );
+
+    // A write builds on the worker's entry at the stored head: another
+    // entry there means the worker's thread diverged, and nothing is
+    // written (no splice of two histories).
+    let on = |at: u64, body: &str, entries: Vec<(u64, String)>| ThreadWrite {
+        base: Some((at, body.into())),
+        ..w(entries, None)
+    };
+    assert_eq!(
+        s.append(
+            &on(
+                4,
+                "{\"seq\":4,\"other\":1}",
+                vec![(5, "{\"seq\":5}".into())]
+            ),
+            &fence,
+            &seed
+        )
+        .await
+        .unwrap(),
+        Appended::Diverged
+    );
+    assert_eq!(
+        s.thread_head("s1", "t").await.unwrap().seq,
+        4,
+        "nothing written"
+    );
+    // The same JSON, re-serialised by the worker, is the same entry.
+    assert_eq!(
+        s.append(&on(4, "{ \"seq\" : 4 }", vec![]), &fence, &seed)
+            .await
+            .unwrap(),
+        Appended::Head(4)
+    );
+    // The store follows a worker's diverged copy: replaced whole.
+    let copy = ThreadWrite {
+        entries: vec![
+            (1, "{\"seq\":1,\"own\":true}".into()),
+            (2, "{\"seq\":2}".into()),
+        ],
+        state: Some("{\"v\":1}".into()),
+        state_seq: 2,
+        ..w(vec![], None)
+    };
+    assert_eq!(
+        s.replace_thread(&copy, &fence, &seed).await.unwrap(),
+        Appended::Head(2)
+    );
+    assert_eq!(
+        s.entries("s1", "t", 9).await.unwrap(),
+        vec![
+            "{\"seq\":1,\"own\":true}".to_owned(),
+            "{\"seq\":2}".to_owned()
+        ]
+    );
+    assert_eq!(
+        s.threads("s1").await.unwrap()[0].state.as_deref(),
+        Some("{\"v\":1}")
+    );
+    // Back to the four entries the rest of this suite expects.
+    let four = ThreadWrite {
+        entries: (1..=4).map(e).collect(),
+        ..w(vec![], None)
+    };
+    s.replace_thread(&four, &fence, &seed).await.unwrap();
 
     // Fencing: a capture taken under an older pin, or from a worker the
     // session left, is refused and writes nothing.

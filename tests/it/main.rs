@@ -13,4 +13,5 @@ mod faults;
 mod forwarding;
 mod health;
 mod interleavings;
+mod recovery;
 mod tls;

@@ -90,7 +90,16 @@ async fn a_lost_holder_is_remembered_until_the_move_settles() {
     let since = q.missing_since("s", &[Arc::from("t")], now);
     let later = q.missing_since("s", &[Arc::from("t")], now + Duration::from_secs(5));
     assert_eq!(since, later, "missing since the first time it was seen");
-    q.settle_session("s");
+    let seen = q.generation();
+    q.push(hint("s", "t2", 1));
+    q.settle_session("s", seen);
+    assert_eq!(
+        q.pending("s").len(),
+        1,
+        "announced after the move looked: kept"
+    );
+    let (k2, _, _) = q.pop().await;
+    q.done(&k2, Pulled::Head(1));
     assert!(q.pending("s").is_empty());
 }
 
@@ -114,10 +123,17 @@ async fn a_move_takes_its_sessions_queued_pulls() {
 #[tokio::test]
 async fn a_full_ledger_drops_its_oldest_queued_thread() {
     let q = CaptureQueue::new(2);
-    assert!(!q.push(hint("s", "t1", 1)));
-    assert!(!q.push(hint("s", "t2", 1)));
-    assert!(!q.push(hint("s", "t2", 5)), "same thread coalesces");
-    assert!(q.push(hint("s", "t3", 1)), "full: the oldest goes");
+    assert!(q.push(hint("s", "t1", 1)).is_none());
+    assert!(q.push(hint("s", "t2", 1)).is_none());
+    assert!(
+        q.push(hint("s", "t2", 5)).is_none(),
+        "same thread coalesces"
+    );
+    assert_eq!(
+        q.push(hint("s", "t3", 1)).as_deref(),
+        Some("s"),
+        "full: the oldest goes, and its session is named"
+    );
     let threads: Vec<String> = q
         .pending("s")
         .iter()
@@ -132,4 +148,30 @@ fn checkpoint_header_parsing() {
         parse_checkpoint("t1;seq=4, t2 ; seq=9,bad,;seq=3,t3;seq=x"),
         vec![("t1".to_owned(), 4), ("t2".to_owned(), 9)]
     );
+}
+
+/// Two synchronous turns of one thread (seq 6 = B, seq 4 = A; B's
+/// response is processed first). B's pull fails, so B's claim is not kept;
+/// that must not take A's claim with it: A, waiting for B's pull, still
+/// finds its turn to pull.
+#[tokio::test]
+async fn a_claim_not_kept_does_not_take_another_claim_with_it() {
+    let q = CaptureQueue::new(10);
+    let k = key("s", "t");
+    q.claim(hint("s", "t", 6)); // B
+    q.claim(hint("s", "t", 4)); // A
+    let Take::Taken(_) = q.take(&k) else {
+        panic!("B pulls")
+    };
+    assert!(matches!(q.take(&k), Take::Running), "A waits for B's pull");
+    q.done(&k, Pulled::Failed); // the worker died under B's pull
+    q.settle_claim(&k, 6, false); // B answered 502
+    assert!(
+        matches!(q.take(&k), Take::Taken(_)),
+        "A still pulls its turn"
+    );
+    assert_eq!(q.acked(&k), Some(4));
+    q.done(&k, Pulled::Failed);
+    q.settle_claim(&k, 4, false);
+    assert!(q.pending("s").is_empty(), "neither turn was acknowledged");
 }
