@@ -134,9 +134,13 @@ impl Health {
                 _ = token.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
-            let ok = self
+            let Some(ok) = self
                 .probe(&backend, &settings, &cfg.path, cfg.timeout)
-                .await;
+                .await
+            else {
+                // tether itself is short of sockets: no verdict on the worker.
+                continue;
+            };
             self.metrics.probe(&backend.id, ok);
             // Passive marks (refused connections) move the state too.
             if counter.is_up() != backend.probe_up() {
@@ -158,14 +162,15 @@ impl Health {
     }
 
     /// One probe on a fresh connection; a 2xx answer is healthy. The
-    /// answer's `Tether-Instance` tells a restart.
+    /// answer's `Tether-Instance` tells a restart. `None` when tether could
+    /// not even open a socket (its own shortage, not the worker's).
     async fn probe(
         &self,
         backend: &Backend,
         settings: &crate::upstream::Settings,
         path: &str,
         timeout: Duration,
-    ) -> bool {
+    ) -> Option<bool> {
         let answer = tokio::time::timeout(
             timeout,
             self.upstream
@@ -180,9 +185,10 @@ impl Health {
                         self.metrics.instance_change(&backend.id);
                     }
                 }
-                status.is_success()
+                Some(status.is_success())
             }
-            Ok(Err(_)) | Err(_) => false,
+            Ok(Err(crate::upstream::UpstreamError::Local { .. })) => None,
+            Ok(Err(_)) | Err(_) => Some(false),
         }
     }
 }

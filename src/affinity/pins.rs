@@ -1,13 +1,14 @@
-//! The bounded request-key pin table (`affinity.key = ["header:…"]`).
+//! The bounded request-key pin table (`affinity.key = ["header:…"]`),
+//! keyed by the key's session id (a digest): an entry's size does not
+//! depend on how long a client makes its key.
 //!
 //! Sharded so that the hot path takes one short, uncontended lock; no lock
 //! is ever held across an `.await`.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 
-use super::Pin;
+use super::{Pin, SessionId};
 
 pub(super) const SHARDS: usize = 64;
 
@@ -17,13 +18,16 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Request-key pins (`affinity.key = ["header:…"]`): key → pin, bounded.
+/// Request-key pins (`affinity.key = ["header:…"]`): the key's session
+/// id → pin, bounded.
 #[derive(Debug)]
 pub struct PinTable {
-    shards: Vec<Mutex<HashMap<String, Pin>>>,
+    shards: Vec<Mutex<HashMap<u128, Pin>>>,
     per_shard: usize,
-    hasher: std::collections::hash_map::RandomState,
 }
+
+/// Entries looked at to choose one to evict from a full shard.
+const EVICTION_SAMPLE: usize = 8;
 
 impl PinTable {
     /// A table holding at most about `capacity` keys.
@@ -31,34 +35,36 @@ impl PinTable {
         PinTable {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             per_shard: capacity.div_ceil(SHARDS).max(1),
-            hasher: Default::default(),
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Pin>> {
-        let i = self.hasher.hash_one(key) as usize % SHARDS;
-        &self.shards[i]
+    fn shard(&self, id: SessionId) -> &Mutex<HashMap<u128, Pin>> {
+        // Session ids are digests: their low bits are a fine hash.
+        &self.shards[(id.as_u128() as usize) % SHARDS]
     }
 
-    /// The pin of `key`, if any.
-    pub fn get(&self, key: &str) -> Option<Pin> {
-        lock(self.shard(key)).get(key).cloned()
+    /// The pin of the key whose session id is `id`, if any.
+    pub fn get(&self, id: SessionId) -> Option<Pin> {
+        lock(self.shard(id)).get(&id.as_u128()).cloned()
     }
 
-    /// Pins `key`; when the shard is full the least recently refreshed
-    /// entry is evicted (that key re-pins on its next request).
-    pub fn insert(&self, key: &str, pin: Pin) {
-        let mut shard = lock(self.shard(key));
-        if shard.len() >= self.per_shard && !shard.contains_key(key) {
+    /// Pins the key of `pin.session`; when the shard is full, the least
+    /// recently refreshed of a few entries is evicted (that key re-pins on
+    /// its next request, reading its pin from the store).
+    pub fn insert(&self, pin: Pin) {
+        let id = pin.session.as_u128();
+        let mut shard = lock(self.shard(pin.session));
+        if shard.len() >= self.per_shard && !shard.contains_key(&id) {
             if let Some(oldest) = shard
                 .iter()
+                .take(EVICTION_SAMPLE)
                 .min_by_key(|(_, p)| p.refreshed_at)
-                .map(|(k, _)| k.clone())
+                .map(|(k, _)| *k)
             {
                 shard.remove(&oldest);
             }
         }
-        shard.insert(key.to_owned(), pin);
+        shard.insert(id, pin);
     }
 
     /// Number of pinned keys.

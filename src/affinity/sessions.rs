@@ -32,20 +32,26 @@ impl Sessions {
         }))
     }
 
-    /// Records that `id` is pinned to `backend` until `expires_at`;
-    /// whether the session is due to be written to the store.
-    pub fn touch(&self, id: SessionId, backend: &Arc<Backend>, expires_at: u64, now: u64) -> bool {
+    /// Records that `id` is pinned to `backend` until `expires_at`, and
+    /// says whether the session is due to be written to the store.
+    pub fn touch(
+        &self,
+        id: SessionId,
+        backend: &Arc<Backend>,
+        expires_at: u64,
+        now: u64,
+    ) -> Touched {
         self.0.table.touch(id, backend, expires_at, now)
     }
 
     /// The pin of a request key.
     pub fn pin(&self, key: &str) -> Option<Pin> {
-        self.0.pins.get(key)
+        self.0.pins.get(SessionId::for_key(key))
     }
 
-    /// Pins a request key.
-    pub fn set_pin(&self, key: &str, pin: Pin) {
-        self.0.pins.insert(key, pin);
+    /// Pins a request key (its session id is `pin.session`).
+    pub fn set_pin(&self, pin: Pin) {
+        self.0.pins.insert(pin);
     }
 
     /// The round-robin counter of new sessions.
@@ -69,6 +75,18 @@ impl Sessions {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// What recording a request of a session found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touched {
+    /// A session this table did not track (its row is written on its
+    /// second request: a client that never comes back costs no write).
+    New,
+    /// Moved, or last written a while ago: write its row.
+    Due,
+    /// Nothing to write.
+    Quiet,
 }
 
 /// 32 bytes with its key: unix seconds fit in `u32` until 2106 (and
@@ -145,7 +163,7 @@ impl SessionTable {
     /// Records that `id` is pinned to `backend` until `expires_at`.
     /// Returns whether the session is due to be written to the store (new,
     /// moved, or last written long ago).
-    fn touch(&self, id: SessionId, backend: &Arc<Backend>, expires_at: u64, now: u64) -> bool {
+    fn touch(&self, id: SessionId, backend: &Arc<Backend>, expires_at: u64, now: u64) -> Touched {
         let mut shard = lock(self.shard(id));
         let full = shard.len() >= self.per_shard;
         match shard.get_mut(&id.as_u128()) {
@@ -160,8 +178,10 @@ impl SessionTable {
                 live.expires_at = secs32(expires_at);
                 if due {
                     live.written_at = secs32(now);
+                    Touched::Due
+                } else {
+                    Touched::Quiet
                 }
-                due
             }
             None if !full => {
                 backend.sessions_inc();
@@ -170,12 +190,13 @@ impl SessionTable {
                     Live {
                         backend: backend.clone(),
                         expires_at: secs32(expires_at),
-                        written_at: secs32(now),
+                        // Never written: its next request writes it.
+                        written_at: 0,
                     },
                 );
-                true
+                Touched::New
             }
-            None => true,
+            None => Touched::New,
         }
     }
 

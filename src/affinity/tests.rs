@@ -157,17 +157,15 @@ fn cookie_find_and_strip_keep_other_cookies() {
 fn pin_table_is_bounded() {
     let t = pins::PinTable::new(64);
     for i in 0..1000u64 {
-        t.insert(
-            &format!("key-{i}"),
-            Pin {
-                refreshed_at: i,
-                ..pin(i)
-            },
-        );
+        t.insert(Pin {
+            session: SessionId::for_key(&format!("key-{i}")),
+            refreshed_at: i,
+            ..pin(i)
+        });
     }
     assert!(t.len() <= 64, "len {}", t.len());
     // The most recent key survives eviction.
-    assert!(t.get("key-999").is_some());
+    assert!(t.get(SessionId::for_key("key-999")).is_some());
 }
 
 /// Live-session counts per worker follow the pins' lives: the janitor's
@@ -204,7 +202,10 @@ fn the_sweep_keeps_per_worker_counts_live() {
     }
     s.touch(SessionId([0; 16]), &b, now + 600, now); // moved a -> b
     assert_eq!((a.sessions(), b.sessions()), (4, 6));
-    s.set_pin("conv-1", pin(now));
+    s.set_pin(Pin {
+        session: SessionId::for_key("conv-1"),
+        ..pin(now)
+    });
 
     clock.advance(300);
     let later = clock.now_unix();

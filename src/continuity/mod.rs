@@ -258,14 +258,13 @@ impl Continuity {
     }
 
     /// The stored pin of a session (a request key another replica pinned).
-    pub(crate) async fn stored_pin(&self, session: &str, deadline: Instant) -> Option<SessionRow> {
-        let store = self.0.link.get().ok()?;
-        self.0
-            .link
-            .call(deadline, store.session(session))
-            .await
-            .ok()
-            .flatten()
+    pub(crate) async fn stored_pin(
+        &self,
+        session: &str,
+        deadline: Instant,
+    ) -> Result<Option<SessionRow>, StoreError> {
+        let store = self.0.link.get()?;
+        self.0.link.call(deadline, store.session(session)).await
     }
 
     /// The store's state.

@@ -79,6 +79,20 @@ pub(crate) enum ProxyError {
         /// The backend id.
         backend: String,
     },
+    /// A request key this replica has not seen could not be looked up in
+    /// the store: routing it blind could split a conversation.
+    #[error("cannot look the request key's pin up in the store")]
+    KeyLookup(#[source] crate::store::StoreError),
+    /// tether ran out of local resources (file descriptors, ports) to
+    /// reach the worker.
+    #[error("no local resources to reach worker {backend}")]
+    Overloaded {
+        /// The backend id.
+        backend: String,
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
     /// Health marked the worker down while the request waited for it.
     #[error("worker {backend} was marked down while the request waited")]
     WorkerLost {
@@ -106,6 +120,8 @@ impl ProxyError {
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::WorkerLost { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Uncaptured { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::KeyLookup(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -117,6 +133,7 @@ impl ProxyError {
             | ProxyError::Timeout { .. }
             | ProxyError::WorkerLost { .. }
             | ProxyError::Uncaptured { .. } => true,
+            ProxyError::Overloaded { .. } | ProxyError::KeyLookup(_) => false,
             ProxyError::ReservedPath
             | ProxyError::Smuggling(_)
             | ProxyError::BodyTooLarge { .. }
@@ -140,6 +157,8 @@ impl ProxyError {
             ProxyError::ClientBody { .. } => "bad request body\n",
             ProxyError::NoWorker
             | ProxyError::PinnedUnavailable { .. }
+            | ProxyError::Overloaded { .. }
+            | ProxyError::KeyLookup(_)
             | ProxyError::Restore(_) => "service unavailable, retry shortly\n",
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }

@@ -72,7 +72,7 @@ impl Proxy {
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         Self::screen(&req, live)?;
-        self.preload_key_pin(req.headers(), live).await;
+        self.preload_key_pin(req.headers(), live).await?;
         let workers = self.0.workers.snapshot();
         let mut route = self.route(req.headers(), live, &workers, trace)?;
         trace.session = Some(route.pin.session);
@@ -336,6 +336,12 @@ impl Proxy {
                     }
                 }
                 UpstreamError::NotSent { .. } => Attempt::Again,
+                // tether's own shortage: the worker is not to blame, and
+                // another worker would meet the same shortage.
+                UpstreamError::Local { .. } => Attempt::Fail(ProxyError::Overloaded {
+                    backend: id(),
+                    source: Box::new(u),
+                }),
                 UpstreamError::ClientBody { source } => {
                     Attempt::Fail(ProxyError::ClientBody { source })
                 }
@@ -363,10 +369,10 @@ impl Proxy {
     /// Passive health from a response status: `502`/`503`/`504` count,
     /// anything else resets the count (a `500` any client can provoke
     /// must not eject a worker).
-    /// A `503` is the worker declaring itself unavailable; a `502` or `504`
-    /// is often its own upstream failing on this request's input (an LLM
-    /// API refusing a prompt), which a client can provoke: those eject only
-    /// if a probe confirms.
+    /// A `502`, `503` or `504` answered by the worker counts as a passive
+    /// failure, but a client can provoke each (an LLM API refusing its
+    /// prompt, a busy conversation, a rate limit): they eject only if a
+    /// probe confirms.
     fn passive_outcome(
         &self,
         live: &Live,
@@ -375,10 +381,9 @@ impl Proxy {
         status: StatusCode,
     ) {
         match status {
-            StatusCode::SERVICE_UNAVAILABLE => self.passive_failure(live, workers, backend),
-            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => {
-                self.passive_suspect(live, workers, backend)
-            }
+            StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT => self.passive_suspect(live, workers, backend),
             _ => backend.passive_success(),
         }
     }
@@ -413,10 +418,12 @@ impl Proxy {
                     .0
                     .upstream
                     .probe(&backend.endpoint, &settings, &health.path, health.timeout);
-            let healthy = matches!(
-                tokio::time::timeout(health.timeout, probe).await,
-                Ok(Ok((status, _))) if status.is_success()
-            );
+            let healthy = match tokio::time::timeout(health.timeout, probe).await {
+                Ok(Ok((status, _))) => status.is_success(),
+                // tether's own socket shortage is no verdict on the worker.
+                Ok(Err(UpstreamError::Local { .. })) => true,
+                Ok(Err(_)) | Err(_) => false,
+            };
             if healthy {
                 tracing::info!(backend = %backend.id, "consecutive failures not confirmed by a probe: worker kept");
                 return;
@@ -508,8 +515,8 @@ impl Proxy {
                     instance: i.to_owned(),
                     ..route.pin.clone()
                 };
-                if let Binding::Key(key) = &route.binding {
-                    self.0.sessions.set_pin(key, pin.clone());
+                if let Binding::Key(_) = &route.binding {
+                    self.0.sessions.set_pin(pin.clone());
                 }
                 Some(pin)
             }

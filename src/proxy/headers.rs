@@ -208,8 +208,9 @@ pub fn rewrite_request(h: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue
 /// Whether a request path falls under the reserved worker-contract prefix,
 /// the way any worker's router might read it: percent-decoded, with
 /// backslashes as slashes, runs of slashes as one, `.` and `..` segments
-/// resolved, and letters in any case. (`/%5Ftether/x`, `//_tether/x`,
-/// `/_TETHER/x`, `/_tether%2Fx` and `/a/../_tether/x` all are.)
+/// resolved, `;parameters` dropped from segments, and letters in any
+/// case. (`/%5Ftether/x`, `//_tether/x`, `/_TETHER/x`, `/_tether%2Fx`,
+/// `/_tether;p/x` and `/a/../_tether/x` all are.)
 pub fn is_reserved(path: &str, prefix: &str) -> bool {
     let mut decoded = Vec::with_capacity(path.len());
     let bytes = path.as_bytes();
@@ -237,6 +238,8 @@ pub fn is_reserved(path: &str, prefix: &str) -> bool {
     }
     let mut canonical: Vec<&[u8]> = Vec::new();
     for seg in decoded.split(|&b| b == b'/') {
+        // Servlet containers drop `;parameters` from a segment.
+        let seg = seg.split(|&b| b == b';').next().unwrap_or(seg);
         match seg {
             b"" | b"." => {}
             b".." => {

@@ -8,6 +8,7 @@ use http::{HeaderMap, Request};
 use hyper::body::Incoming;
 
 use super::{headers, Proxy, ProxyError, Trace};
+use crate::affinity::sessions::Touched;
 use crate::affinity::{
     self, cookies, Decision, Pin, PinOutcome, PinnedState, RejectReason, SessionId,
 };
@@ -192,10 +193,18 @@ impl Proxy {
             Some(idle) => (now + idle.as_secs()).min(route.pin.issued_at + l.ttl.as_secs()),
             None => route.pin.issued_at + l.ttl.as_secs(),
         };
-        let due = self
+        let touched = self
             .0
             .sessions
             .touch(route.pin.session, &route.backend, expires_at, now);
+        // A request key's pin must reach the store at once (other replicas
+        // look it up there); a cookie session's waits for its second
+        // request (a client that never returns costs no write).
+        let due = match touched {
+            Touched::Due => true,
+            Touched::New => matches!(route.binding, Binding::Key(_)),
+            Touched::Quiet => false,
+        };
         if due {
             let row = SessionRow {
                 session_id: route.pin.session.to_hex(),
@@ -208,45 +217,53 @@ impl Proxy {
             };
             self.0.continuity.remember(row);
         }
-        if let Binding::Key(key) = &route.binding {
-            self.0.sessions.set_pin(key, route.pin.clone());
+        if let Binding::Key(_) = &route.binding {
+            self.0.sessions.set_pin(route.pin.clone());
         }
     }
 
     /// A request key this replica has not pinned yet is read from the store
-    /// once, so every replica routes a key to the same worker.
-    pub(super) async fn preload_key_pin(&self, h: &HeaderMap, live: &Live) {
+    /// once, so every replica routes a key to the same worker. When the
+    /// store cannot answer, the request is refused (`503`): a new pin made
+    /// blind could send an existing conversation to a worker without its
+    /// history.
+    pub(super) async fn preload_key_pin(
+        &self,
+        h: &HeaderMap,
+        live: &Live,
+    ) -> Result<(), ProxyError> {
         let Some(KeySource::Header(name)) = live.config.affinity.key.iter().find(|s| match s {
             KeySource::Header(n) => h.contains_key(n),
             KeySource::Cookie => false,
         }) else {
-            return;
+            return Ok(());
         };
         let Some(key) = h.get(name).and_then(|v| v.to_str().ok()).map(str::trim) else {
-            return;
+            return Ok(());
         };
         if key.is_empty() || self.0.sessions.pin(key).is_some() {
-            return;
+            return Ok(());
         }
         let id = SessionId::for_key(key);
         let deadline = tokio::time::Instant::now() + live.config.state.restore_timeout;
-        let lookup = self.0.continuity.stored_pin(&id.to_hex(), deadline).await;
+        let row = self
+            .0
+            .continuity
+            .stored_pin(&id.to_hex(), deadline)
+            .await
+            .map_err(ProxyError::KeyLookup)?;
         let now = self.0.clock.now_unix();
-        if let Some(row) = lookup {
-            if row.expires_at > now {
-                self.0.sessions.set_pin(
-                    key,
-                    Pin {
-                        session: id,
-                        backend: row.backend_id,
-                        instance: row.instance,
-                        epoch: row.epoch,
-                        issued_at: row.created_at,
-                        refreshed_at: now,
-                    },
-                );
-            }
+        if let Some(row) = row.filter(|r| r.expires_at > now) {
+            self.0.sessions.set_pin(Pin {
+                session: id,
+                backend: row.backend_id,
+                instance: row.instance,
+                epoch: row.epoch,
+                issued_at: row.created_at,
+                refreshed_at: now,
+            });
         }
+        Ok(())
     }
 
     /// The pin named by the first key source present in the request.

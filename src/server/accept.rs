@@ -24,7 +24,10 @@ use crate::proxy::headers::Smuggling;
 use crate::proxy::{Peer, Proxy, ProxyError};
 
 /// Most concurrent HTTP/2 streams per connection.
-const H2_MAX_STREAMS: u32 = 250;
+const H2_MAX_STREAMS: u32 = 128;
+/// Most bytes queued to send per HTTP/2 stream (hyper's default is 400
+/// KiB): a client that never reads cannot pin more than streams x this.
+const H2_MAX_SEND_BUF: usize = 64 * 1024;
 /// Most streams a client may reset before its connection is closed.
 const H2_MAX_RESETS: usize = 100;
 
@@ -143,6 +146,7 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_send_buf_size(H2_MAX_SEND_BUF)
         .max_pending_accept_reset_streams(H2_MAX_RESETS)
         .max_local_error_reset_streams(H2_MAX_RESETS)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))

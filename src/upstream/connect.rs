@@ -36,12 +36,22 @@ pub(super) async fn dial(
 ) -> Result<TcpStream, UpstreamError> {
     let tcp = match timeout_at(deadline, TcpStream::connect(pool.addr())).await {
         Ok(Ok(tcp)) => tcp,
+        Ok(Err(source)) if is_local_shortage(&source) => {
+            return Err(UpstreamError::Local { source })
+        }
         Ok(Err(source)) => return Err(UpstreamError::Refused { source }),
         Err(_) => return Err(UpstreamError::ConnectTimeout { after: budget }),
     };
     tcp.set_nodelay(true)
         .map_err(|source| UpstreamError::Refused { source })?;
     Ok(tcp)
+}
+
+/// Whether a connect error is tether's own shortage (out of file
+/// descriptors, local ports or buffers), not anything the worker did.
+fn is_local_shortage(e: &std::io::Error) -> bool {
+    // EMFILE, ENFILE, ENOMEM, EADDRNOTAVAIL, ENOBUFS (Linux numbers).
+    matches!(e.raw_os_error(), Some(24 | 23 | 12 | 99 | 105))
 }
 
 /// The HTTP/1.1 handshake (no I/O) and the connection's task. The task

@@ -21,6 +21,14 @@ pub(crate) enum UpstreamError {
         #[source]
         source: std::io::Error,
     },
+    /// tether itself ran short (file descriptors, local ports): nothing was
+    /// sent, and the worker is not to blame.
+    #[error("connect failed for lack of local resources")]
+    Local {
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The TCP connect did not finish in time: nothing was sent.
     #[error("connect did not finish within {after:?}")]
     ConnectTimeout {
@@ -79,6 +87,7 @@ impl UpstreamError {
     pub(crate) fn nothing_sent(&self) -> bool {
         match self {
             UpstreamError::Refused { .. }
+            | UpstreamError::Local { .. }
             | UpstreamError::ConnectTimeout { .. }
             | UpstreamError::Verify { .. }
             | UpstreamError::InstanceChanged { .. }
@@ -99,6 +108,7 @@ impl UpstreamError {
             // A reused connection closed by the worker's idle timeout races
             // the request: no sign of a sick worker.
             UpstreamError::Failed { reused: true, .. }
+            | UpstreamError::Local { .. }
             | UpstreamError::InstanceChanged { .. }
             | UpstreamError::ClientBody { .. } => false,
         }

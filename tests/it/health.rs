@@ -125,7 +125,7 @@ async fn after_the_worker_received_it_post_is_not_retried_but_get_is() {
 /// open the circuit for 30 s, doubling) on a paused tokio clock: the state is
 /// read at exact points of virtual time, and the test takes no real minutes.
 #[tokio::test]
-async fn a_500_never_ejects_but_503s_do_for_a_doubling_cooldown() {
+async fn a_500_never_ejects_but_confirmed_503s_do_for_a_doubling_cooldown() {
     let (a, b) = (Worker::start("a").await, Worker::start("b").await);
     let t = Tether::start(&config_text(&[&a, &b], "")).await;
     let users = pinned_users(&t, 10).await;
@@ -144,16 +144,29 @@ async fn a_500_never_ejects_but_503s_do_for_a_doubling_cooldown() {
     }
     assert_eq!(state_of(&t, "a").await, "up", "500 must not eject");
 
-    // Three 503s eject a for the 30 s cooldown; its probes stay healthy.
-    // (No request here may re-pin: a re-pin reads the store, and while the
-    // runtime waits on the store's thread the paused clock runs ahead.)
+    // Three 503s while its probes stay healthy: a client may have provoked
+    // them (a busy conversation, a rate limit), so the confirming probe
+    // keeps the worker.
     a.set_status(503);
     for _ in 0..3 {
         assert_eq!(get(on_a[0]).await.unwrap().status(), 503);
     }
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(state_of(&t, "a").await, "up", "a probe must confirm");
+
+    // Three 503s and a failing probe eject a for the 30 s cooldown.
+    // (No request here may re-pin: a re-pin reads the store, and while the
+    // runtime waits on the store's thread the paused clock runs ahead.)
+    a.set_health(503);
+    for _ in 0..3 {
+        assert_eq!(get(on_a[0]).await.unwrap().status(), 503);
+    }
+    wait_state(&t, "a", "down").await;
     let ejected = tokio::time::Instant::now();
-    assert_eq!(state_of(&t, "a").await, "down", "3 × 503 ejects");
     a.set_status(200);
+    a.set_health(200);
     state_at(
         &t,
         ejected + Duration::from_secs(25),

@@ -624,3 +624,42 @@ async fn after_an_unverified_restart_the_session_recovers() {
     assert!(violations.is_empty(), "{text}");
     t.stop().await;
 }
+
+/// Other clients flood the capture ledger (bounded by `state.queue`) with
+/// announcing turns while this user's capture waits: the user's record is
+/// dropped to make room, and its next answer after its worker dies is
+/// marked (never a silent loss).
+#[tokio::test]
+async fn a_flooded_capture_ledger_marks_the_sessions_it_drops() {
+    let a = Front::start("a").await;
+    let b = Front::start("b").await;
+    let t = Tether::start(&cfg(&[&a, &b], &format!("{FAST}\n[state]\nqueue = 8\n"))).await;
+    let base = t.url("");
+    let mut u = chat_on(&base, "a").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The victim's next capture fails (and waits for a retry).
+    a.set(&a.ctl.export, 500);
+    let m = u.next_message();
+    assert!(u.turn(&base, &m).await.is_ok());
+    // The flood: new sessions, one announcing turn each.
+    for i in 0..40 {
+        let c = plain();
+        let r = c
+            .post(format!("{base}/chat?thread=main&message=flood{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert!(metric(&t, "tether_capture_dropped_total").await > 0.0);
+    a.kill();
+    let out = u
+        .until_ok(&base, Duration::from_secs(5), Duration::from_millis(100))
+        .await;
+    println!("after a died: {:?}", out.as_ref().map(brief));
+    assert!(out.is_some(), "no 2xx after the worker died");
+    let (violations, text) = report(&[&u]);
+    println!("{text}");
+    assert!(violations.is_empty(), "{text}");
+    t.stop().await;
+}

@@ -121,6 +121,9 @@ fn reserved_prefix_in_every_spelling_a_router_might_decode() {
         "/./_tether/changes",
         "/x/../_tether/changes",
         "/x/%2e%2e/_tether/changes",
+        "/_tether;x/changes",
+        "/_tether;/threads/main",
+        "/%5Ftether;jsessionid=1/changes",
         "/\\_tether/changes",
     ] {
         assert!(is_reserved(p, "/_tether"), "{p} must be reserved");
