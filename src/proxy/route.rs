@@ -253,13 +253,21 @@ impl Proxy {
             .await
             .map_err(ProxyError::KeyLookup)?;
         let now = self.0.clock.now_unix();
-        if let Some(row) = row.filter(|r| r.expires_at > now) {
+        if let Some(row) = row {
+            // A key names one conversation for as long as the store keeps
+            // it: a pin past its life starts a new one (its worker, or a
+            // move with a restore) instead of a conversation with no past.
+            let issued_at = if row.expires_at > now {
+                row.created_at
+            } else {
+                now
+            };
             self.0.sessions.set_pin(Pin {
                 session: id,
                 backend: row.backend_id,
                 instance: row.instance,
                 epoch: row.epoch,
-                issued_at: row.created_at,
+                issued_at,
                 refreshed_at: now,
             });
         }
@@ -285,11 +293,20 @@ impl Proxy {
                     if key.is_empty() {
                         continue;
                     }
-                    let pin = self
-                        .0
-                        .sessions
-                        .pin(key)
-                        .filter(|p| live.lifetimes.is_alive(p, now));
+                    // A key names one conversation: a pin past its life
+                    // starts again where it was (its worker, or a move
+                    // with a restore), never as a conversation with no past.
+                    let pin = self.0.sessions.pin(key).map(|p| {
+                        if live.lifetimes.is_alive(&p, now) {
+                            p
+                        } else {
+                            Pin {
+                                issued_at: now,
+                                refreshed_at: now,
+                                ..p
+                            }
+                        }
+                    });
                     return (Ok(pin), Binding::Key(key.to_owned()));
                 }
                 KeySource::Cookie => {
