@@ -13,14 +13,12 @@ use crate::support::front::*;
 use crate::support::turns::{report, user_texts};
 use crate::support::*;
 
-/// F1 + F4: a turn in flight on the worker a session is leaving. The
-/// client's own concurrent GET is reset by `a` (one passive failure) and,
-/// being idempotent, is retried on `b`: the session moves. The slow turn
-/// then completes on `a` with a 2xx (acknowledged), its capture is fenced
-/// (epoch 1 < 2), and the next 2xx (from `b`) lacks it without
-/// `Tether-Restore`. Then `b` dies, the session moves back to `a`, whose
-/// thread diverged (409 kept): the next 2xx lacks the turn made on `b`,
-/// and the store ends up holding a thread nobody ever saw.
+/// A turn in flight on the worker a session is leaving: the client's own
+/// concurrent GET is reset by `a` and, being idempotent, would be retried
+/// on `b` (a move). The move waits for the slow turn (the GET gets 503),
+/// so the turn is acknowledged and stored before the session leaves; when
+/// `b` later dies, nothing is lost and the store never holds a thread
+/// nobody saw.
 #[tokio::test]
 async fn a_turn_in_flight_on_the_worker_left_behind_is_waited_for() {
     let a = Front::start("a").await;
@@ -92,11 +90,10 @@ async fn a_turn_in_flight_on_the_worker_left_behind_is_waited_for() {
     t.stop().await;
 }
 
-/// F2: the CAS is won, the restore into the new worker fails (503 to the
-/// client, fine), the old worker comes back: the session is served by it
-/// under the old epoch forever, and every capture is fenced. When the old
-/// worker finally dies, the move "follows" the old epoch-2 pin and the
-/// 2xx silently lacks every turn made since.
+/// The re-pin's compare-and-set is won, the restore into the new worker
+/// fails (503 to the client), the old worker comes back: the next request
+/// finishes the move instead of being served by the old worker under the
+/// old epoch (whose captures the fence would refuse).
 #[tokio::test]
 async fn a_won_repin_whose_restore_failed_is_finished_by_the_next_request() {
     let a = Front::start("a").await;
@@ -140,11 +137,9 @@ async fn a_won_repin_whose_restore_failed_is_finished_by_the_next_request() {
     t.stop().await;
 }
 
-/// F3: `on_restore_failure = "continue"`. The first answer after the
-/// failed restore carries `Tether-Restore: failed`; later 2xx from the
-/// history-less worker carry nothing, and its fresh thread is appended onto
-/// the stored one (a thread nobody saw). When that worker dies too, the
-/// next worker gets the spliced thread, unmarked.
+/// `on_restore_failure = "continue"`: every answer from the history-less
+/// worker is marked `failed` (not only the first), the restore is retried,
+/// and its fresh thread is never spliced onto the stored one.
 #[tokio::test]
 async fn continue_marks_every_answer_without_history_and_never_splices_the_store() {
     let a = Front::start("a").await;
@@ -201,10 +196,9 @@ async fn continue_marks_every_answer_without_history_and_never_splices_the_store
     t.stop().await;
 }
 
-/// F5: a client ejects a healthy worker (and so moves every user on it)
-/// with three concurrent requests that make the worker drop the
-/// connection. (With the mock worker; a real worker resets on a request
-/// that crashes its handler or trips its own parser limits.)
+/// Three concurrent requests of one client that make the worker drop the
+/// connection (a request that crashes its handler) do not eject a healthy
+/// worker: a probe must confirm, and the other users stay.
 #[tokio::test]
 async fn resets_one_client_provokes_do_not_eject_a_healthy_worker() {
     let (wa, wb, wc) = (
@@ -241,7 +235,7 @@ async fn resets_one_client_provokes_do_not_eject_a_healthy_worker() {
     t.stop().await;
 }
 
-/// F5b: the same with slow answers a client asks for (response_timeout).
+/// The same with slow answers a client asks for (response_timeout).
 #[tokio::test]
 async fn slow_requests_one_client_asks_for_do_not_eject_a_healthy_worker() {
     let (wa, wb) = (Worker::start("a").await, Worker::start("b").await);
@@ -345,11 +339,10 @@ impl H2User {
     }
 }
 
-/// F6: a move cancelled by its client (HTTP/2 reset) while it pulls a
-/// queued capture leaves that ledger record `Busy` forever: no puller
-/// takes the thread again, every later turn on it stays out of the store
-/// although its worker is healthy, and each later move waits for a pull
-/// that never ends.
+/// A move whose client goes away (an HTTP/2 reset) while it pulls a queued
+/// capture still completes (it runs as its own task): the thread's later
+/// turns keep being captured, and later moves do not wait for a pull that
+/// never ends.
 #[tokio::test]
 async fn a_move_whose_client_went_away_still_completes_its_captures() {
     let a = Front::start("a").await;
@@ -436,13 +429,10 @@ async fn a_move_whose_client_went_away_still_completes_its_captures() {
     t.stop().await;
 }
 
-/// F9: the restore goes to whatever process answers (`Expect::Any`, the
-/// connection's instance is dropped) and the pin takes the instance
-/// `backend.instance()` says at `land()`. A graceful restart begins during
-/// the restore: the old process takes the first thread and closes its
-/// connection; the new process takes the second over a new connection; a
-/// probe has seen the new process: the pin names it, and it lacks the
-/// first thread.
+/// A graceful restart begins during a restore: the old process takes the
+/// first thread and closes its connection; the new one would take the
+/// second. The restore fills one process only (it fails rather than split
+/// the threads), and the pin names the process that holds them.
 #[tokio::test]
 async fn a_restore_fills_one_process_and_the_pin_names_it() {
     let a = Front::start("a").await;
@@ -471,9 +461,8 @@ async fn a_restore_fills_one_process_and_the_pin_names_it() {
     t.stop().await;
 }
 
-/// F10: a `Tether-Instance` longer than 255 bytes is cut in the cookie
-/// (`push_str`), so every later request sees "another process" and moves
-/// (restore in place, epoch + 1) before it is forwarded.
+/// A `Tether-Instance` longer than the cookie can hold is kept as a digest:
+/// plain requests do not look like a restart (no move, no epoch bump).
 #[tokio::test]
 async fn a_long_instance_tag_does_not_move_the_session() {
     let long = "i".repeat(300);
@@ -498,12 +487,9 @@ async fn a_long_instance_tag_does_not_move_the_session() {
     t.stop().await;
 }
 
-/// F8: after a restart the change-feed poller asks the new process with
-/// the old process's cursor (and `Expect::Any`): the new process's feed
-/// entries (cursor 1, 2, ... <= old cursor) are never reported until the
-/// 25 s long poll ends. Turns announced only on the feed in that window are
-/// never captured and tether does not know they exist: when the process
-/// dies again (a crash loop), the next 2xx silently lacks them.
+/// After a restart, the change-feed poller asks only the process its
+/// cursor belongs to: the new process gets a new cursor at once, so turns
+/// it announces only on its feed are captured (and survive a crash loop).
 #[tokio::test]
 async fn a_restarted_workers_change_feed_starts_a_new_cursor() {
     let a = Front::start("a").await;
@@ -551,10 +537,9 @@ async fn a_restarted_workers_change_feed_starts_a_new_cursor() {
     t.stop().await;
 }
 
-/// F7: a capture buffered during a store outage is flushed after newer
-/// captures of the same thread were written directly: its older `state`
-/// overwrites the newer one (`COALESCE(excluded.state, ...)`), so the
-/// stored thread holds entries 1..N with the state of an older turn.
+/// A capture buffered during a store outage and flushed after newer
+/// captures of the same thread were written directly never rolls the
+/// thread's state back to an older turn.
 #[sqlx::test(migrations = false)]
 async fn a_late_flush_never_rolls_the_thread_state_back(pool: sqlx::PgPool) {
     let a = Front::start("a").await;
@@ -610,12 +595,9 @@ async fn a_late_flush_never_rolls_the_thread_state_back(pool: sqlx::PgPool) {
     t.stop().await;
 }
 
-/// F11: two requests of a session arrive together after its worker died
-/// with an acknowledged turn the store lacks. The first moves (partial,
-/// marked); the second waits for the flight, finds the move done
-/// (`already_moved` -> `Followed`) and is answered 2xx without the turn and
-/// without `Tether-Restore` (the winner's partial outcome is not passed on;
-/// same for `follow_winner` across replicas).
+/// Two requests of a session arrive together after its worker died with an
+/// acknowledged turn the store lacks: the first moves (partial, marked);
+/// the second, finding the move done, is marked too.
 #[tokio::test]
 async fn a_request_following_a_partial_move_is_marked_too() {
     let a = Front::start("a").await;
@@ -677,10 +659,9 @@ async fn a_request_following_a_partial_move_is_marked_too() {
     t.stop().await;
 }
 
-/// F13: the reserved prefix is matched on the raw path only: encoded or
-/// doubled forms reach the worker, whose router may decode/normalise them
-/// into `/_tether/...` (Go's `r.URL.Path`, ASP.NET's case-insensitive
-/// routes, ...).
+/// Encoded, doubled or cased spellings of the reserved prefix (which a
+/// worker's router may decode or normalise into `/_tether/...`) never
+/// reach the worker.
 #[tokio::test]
 async fn reserved_prefix_spellings_never_reach_the_worker() {
     let w = Worker::start("a").await;
@@ -702,11 +683,8 @@ async fn reserved_prefix_spellings_never_reach_the_worker() {
     t.stop().await;
 }
 
-/// F14: on SIGTERM tether cancels its capture pullers (and the outage
-/// buffer's flush, and the feed pollers) at once, while in-flight requests
-/// are still being served for `shutdown.grace`. A turn acknowledged during
-/// the grace period is never pulled; the next tether process has no ledger,
-/// so when the worker later dies the move restores without it, unmarked.
+/// A turn answered during the shutdown grace period is captured before
+/// tether exits: when its worker later dies, the next tether restores it.
 #[tokio::test]
 async fn turns_answered_during_shutdown_grace_are_captured() {
     let a = Front::start("a").await;
@@ -814,11 +792,10 @@ async fn turns_answered_during_shutdown_grace_are_captured() {
     t2.stop().await;
 }
 
-/// F15: a worker that sends `Tether-Instance` on its responses but not on
-/// its health answer (the README allows either) is never verified per
-/// connection: after a restart the first request reaches the empty process
-/// and its 2xx, without history, is delivered unmarked (the new instance is
-/// noticed only from that very response).
+/// A worker that shows `Tether-Instance` on its responses but not on its
+/// health answer cannot be checked per connection: after its restart the
+/// first answer comes from the empty process, and it is marked (never a
+/// silent answer without history).
 #[tokio::test]
 async fn an_answer_from_an_unverified_new_process_is_marked() {
     let a = Front::start("a").await;
