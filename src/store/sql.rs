@@ -155,6 +155,11 @@ macro_rules! impl_store {
                                 tx.rollback().await?;
                                 return Ok(Appended::Diverged);
                             }
+                        } else if *at > 0 {
+                            // Built on an entry the store lacks: written, they
+                            // would sit past a gap another history could fill.
+                            tx.rollback().await?;
+                            return Ok(Appended::Diverged);
                         }
                     }
                     for (seq, body) in &w.entries {
@@ -194,14 +199,17 @@ macro_rules! impl_store {
                         }
                         seq = s;
                     }
-                    // The state follows the newest export that carried one.
+                    // The state follows the newest export that carried one;
+                    // a replaced thread takes the worker's state, even none.
                     sqlx::query(
                         "INSERT INTO tether_threads (session_id, thread_id, seq, state, state_seq, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
                          ON CONFLICT (session_id, thread_id) DO UPDATE SET \
                            seq = CASE WHEN $7 OR excluded.seq > tether_threads.seq THEN excluded.seq ELSE tether_threads.seq END, \
-                           state = CASE WHEN excluded.state IS NOT NULL AND ($7 OR excluded.state_seq >= tether_threads.state_seq) \
+                           state = CASE WHEN $7 THEN excluded.state \
+                                        WHEN excluded.state IS NOT NULL AND excluded.state_seq >= tether_threads.state_seq \
                                         THEN excluded.state ELSE tether_threads.state END, \
-                           state_seq = CASE WHEN excluded.state IS NOT NULL AND ($7 OR excluded.state_seq > tether_threads.state_seq) \
+                           state_seq = CASE WHEN $7 THEN excluded.state_seq \
+                                        WHEN excluded.state IS NOT NULL AND excluded.state_seq > tether_threads.state_seq \
                                         THEN excluded.state_seq ELSE tether_threads.state_seq END, \
                            updated_at = excluded.updated_at",
                     )

@@ -131,6 +131,23 @@ async fn suite(s: Arc<dyn Store>) {
         4,
         "nothing written"
     );
+    // Nor on an entry the store does not hold: the entries would sit past
+    // a gap that a later write could fill from another history.
+    assert_eq!(
+        s.append(
+            &on(7, "{\"seq\":7}", vec![(8, "{\"seq\":8}".into())]),
+            &fence,
+            &seed
+        )
+        .await
+        .unwrap(),
+        Appended::Diverged
+    );
+    assert_eq!(
+        s.entries("s1", "t", 9).await.unwrap().len(),
+        4,
+        "nothing written"
+    );
     // The same JSON, re-serialised by the worker, is the same entry.
     assert_eq!(
         s.append(&on(4, "{ \"seq\" : 4 }", vec![]), &fence, &seed)
@@ -169,6 +186,9 @@ async fn suite(s: Arc<dyn Store>) {
         ..w(vec![], None)
     };
     s.replace_thread(&four, &fence, &seed).await.unwrap();
+    // A copy without state replaces the old state too: the state belonged
+    // to the history that was replaced.
+    assert_eq!(s.threads("s1").await.unwrap()[0].state, None);
 
     // Fencing: a capture taken under an older pin, or from a worker the
     // session left, is refused and writes nothing.

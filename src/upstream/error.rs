@@ -96,6 +96,13 @@ impl UpstreamError {
         }
     }
 
+    /// Whether nothing listens on the worker's address (`ECONNREFUSED`):
+    /// the process that was there is gone, and whatever only it held with
+    /// it (a process restarted there is a new, empty one).
+    pub(crate) fn no_listener(&self) -> bool {
+        matches!(self, UpstreamError::Refused { source } if source.kind() == std::io::ErrorKind::ConnectionRefused)
+    }
+
     /// Whether the worker (not the client, not a restart tether handles)
     /// is to blame: what passive health should count.
     pub(crate) fn worker_fault(&self) -> bool {

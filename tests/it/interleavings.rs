@@ -595,9 +595,10 @@ async fn a_late_flush_never_rolls_the_thread_state_back(pool: sqlx::PgPool) {
     t.stop().await;
 }
 
-/// Two requests of a session arrive together after its worker died with an
-/// acknowledged turn the store lacks: the first moves (partial, marked);
-/// the second, finding the move done, is marked too.
+/// Two requests of a session arrive together after its worker failed (down,
+/// still listening, its export failing) with an acknowledged turn the store
+/// lacks: the first moves (partial, marked); the second, finding the move
+/// done, is marked too.
 #[tokio::test]
 async fn a_request_following_a_partial_move_is_marked_too() {
     let a = Front::start("a").await;
@@ -613,7 +614,9 @@ async fn a_request_following_a_partial_move_is_marked_too() {
     a.set(&a.ctl.export, 500);
     let m = u.next_message();
     assert!(u.turn(&base, &m).await.is_ok());
-    a.kill();
+    // Not killed: a dead worker's port refuses, and the move would know at
+    // once that the turn is gone.
+    a.set(&a.ctl.health, 503);
     wait_state(&t, "a", "down").await;
     // One move finds the turn missing and waits (503): the clock starts.
     let first = u

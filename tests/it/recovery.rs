@@ -625,10 +625,41 @@ async fn after_an_unverified_restart_the_session_recovers() {
     t.stop().await;
 }
 
+/// A turn the worker acknowledged but could not export (its export failed)
+/// when the worker is killed: the process that held it is gone (its port
+/// refuses connections), so the move does not wait `state.partial_after`
+/// for it; the next answer comes at once, marked partial.
+#[tokio::test]
+async fn a_killed_workers_unexported_turn_is_marked_at_once() {
+    let a = Front::start("a").await;
+    let b = Front::start("b").await;
+    let t = Tether::start(&cfg(&[&a, &b], FAST)).await;
+    let base = t.url("");
+    let mut u = chat_on(&base, "a").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.set(&a.ctl.export, 500);
+    let m = u.next_message();
+    assert!(u.turn(&base, &m).await.is_ok());
+    a.kill();
+    let out = u
+        .until_ok(&base, Duration::from_secs(5), Duration::from_millis(100))
+        .await;
+    println!("after a died: {:?}", out.as_ref().map(brief));
+    let out = out.expect("a 2xx within 5 s after the worker died");
+    let crate::support::turns::Outcome::Ok { restore, .. } = &out else {
+        unreachable!("until_ok returns a 2xx");
+    };
+    assert_eq!(restore.as_deref(), Some("partial"), "{}", brief(&out));
+    let (violations, text) = report(&[&u]);
+    println!("{text}");
+    assert!(violations.is_empty(), "{text}");
+    t.stop().await;
+}
+
 /// Other clients flood the capture ledger (bounded by `state.queue`) with
-/// announcing turns while this user's capture waits: the user's record is
-/// dropped to make room, and its next answer after its worker dies is
-/// marked (never a silent loss).
+/// announcing turns while this user's capture waits: records are dropped to
+/// make room (the user's, or others'), and the user's next answer after its
+/// worker dies is marked (never a silent loss).
 #[tokio::test]
 async fn a_flooded_capture_ledger_marks_the_sessions_it_drops() {
     let a = Front::start("a").await;
