@@ -378,6 +378,16 @@ pub struct Limits {
     /// Deadline for a worker's response head after the request was sent
     /// (default 60 s); past it the client gets `504`.
     pub response_timeout: Duration,
+    /// Longest silence within a request body (default 30 s); past it the
+    /// client gets `408` and the connection closes.
+    pub body_timeout: Duration,
+    /// Bytes per second a request body must average once `body_timeout`
+    /// has passed since it began (default 1024; 0: no minimum): a body may
+    /// take `body_timeout + bytes / min_body_rate` in all.
+    pub min_body_rate: u64,
+    /// Longest a client may accept no bytes of a response while tether
+    /// has some to write (default 60 s); then the connection closes.
+    pub send_timeout: Duration,
 }
 
 /// `[shutdown]`

@@ -369,6 +369,12 @@ pub struct RawLimits {
     pub max_sessions: i64,
     /// `response_timeout`: deadline for a worker's response head.
     pub response_timeout: String,
+    /// `body_timeout`: longest silence within a request body.
+    pub body_timeout: String,
+    /// `min_body_rate`: bytes per second a request body must keep up.
+    pub min_body_rate: i64,
+    /// `send_timeout`: longest a client may accept no bytes.
+    pub send_timeout: String,
 }
 
 impl Default for RawLimits {
@@ -385,6 +391,9 @@ impl Default for RawLimits {
             max_attempts: 3,
             max_sessions: 1_000_000,
             response_timeout: "60s".into(),
+            body_timeout: "30s".into(),
+            min_body_rate: 1024,
+            send_timeout: "60s".into(),
         }
     }
 }

@@ -286,6 +286,9 @@ fn limits(l: &RawLimits) -> R<Limits> {
         max_attempts: int("limits.max_attempts", l.max_attempts, 1, 10)?,
         max_sessions: int("limits.max_sessions", l.max_sessions, 1, 100_000_000)?,
         response_timeout: dur_pos("limits.response_timeout", &l.response_timeout)?,
+        body_timeout: dur_pos("limits.body_timeout", &l.body_timeout)?,
+        min_body_rate: int("limits.min_body_rate", l.min_body_rate, 0, 1 << 30)?,
+        send_timeout: dur_pos("limits.send_timeout", &l.send_timeout)?,
     })
 }
 

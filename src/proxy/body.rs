@@ -104,6 +104,8 @@ struct ReplayState {
     ended: bool,
     /// The client's body failed (framing error, cancelled upload).
     failed: bool,
+    /// The failure was the client's pace (`limits.body_timeout`).
+    slow: Option<super::pace::SlowBody>,
 }
 
 struct Shared {
@@ -137,6 +139,7 @@ impl ReplayBody {
                     started: false,
                     ended: false,
                     failed: false,
+                    slow: None,
                 }),
                 finished: tokio::sync::Notify::new(),
             })),
@@ -200,6 +203,14 @@ impl BodyWatch {
     /// worker's).
     pub fn client_failed(&self) -> bool {
         self.0.as_ref().is_some_and(|s| lock(s).failed)
+    }
+
+    /// How the client's body fell behind its pace, if that is why it
+    /// failed.
+    pub(crate) fn client_slow(&self) -> Option<super::pace::SlowBody> {
+        let shared = self.0.as_ref()?;
+        let st = lock(shared);
+        st.slow
     }
 
     /// Resolves once the client's body has been read to its end (or has
@@ -279,6 +290,7 @@ impl Body for ReplayBody {
                 // A broken client body cannot be replayed either.
                 st.overflowed = true;
                 st.failed = true;
+                st.slow = super::pace::SlowBody::find(e.as_ref());
                 drop(st);
                 state.finished.notify_waiters();
                 Poll::Ready(Some(Err(e)))

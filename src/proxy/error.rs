@@ -9,6 +9,7 @@ use http::{Response, StatusCode};
 
 use super::body::{full, BoxError, ProxyBody};
 use super::headers::Smuggling;
+use super::pace::SlowBody;
 
 /// A failed request.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +115,9 @@ impl ProxyError {
             ProxyError::ClientBody { source } if is_body_limit(source.as_ref()) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
+            ProxyError::ClientBody { source } if SlowBody::is_in(source.as_ref()) => {
+                StatusCode::REQUEST_TIMEOUT
+            }
             ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::Connect { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -153,6 +157,9 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "request body too large\n",
             ProxyError::ClientBody { .. } if status == StatusCode::PAYLOAD_TOO_LARGE => {
                 "request body too large\n"
+            }
+            ProxyError::ClientBody { .. } if status == StatusCode::REQUEST_TIMEOUT => {
+                "request body too slow\n"
             }
             ProxyError::ClientBody { .. } => "bad request body\n",
             ProxyError::NoWorker

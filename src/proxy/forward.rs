@@ -30,6 +30,7 @@ use hyper::body::Incoming;
 use super::body::{BodyWatch, BoxError, IdleBody, ReplayBody};
 use super::continuity::History;
 use super::headers::{self, Peer};
+use super::pace::PacedBody;
 use super::route::{Binding, Route};
 use super::{tunnel, Proxy, ProxyBody, ProxyError, Trace};
 use crate::affinity::{cookies, MoveReason};
@@ -105,11 +106,13 @@ impl Proxy {
         let body = if http_body::Body::is_end_stream(&body) {
             ReplayBody::empty()
         } else {
+            let limits = &live.config.limits;
+            let body = PacedBody::new(body, limits.body_timeout, limits.min_body_rate);
             let body: ProxyBody = match live.config.limits.max_body_bytes {
                 Some(limit) => Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
                     .map_err(BoxError::from)
                     .boxed(),
-                None => body.map_err(BoxError::from).boxed(),
+                None => body.boxed(),
             };
             ReplayBody::new(body, live.config.limits.retry_body_bytes)
         };
@@ -273,6 +276,11 @@ impl Proxy {
     ) -> Attempt {
         let backend = &route.backend;
         let id = || backend.id.clone();
+        if let Some(slow) = body.client_slow() {
+            return Attempt::Fail(ProxyError::ClientBody {
+                source: Box::new(slow),
+            });
+        }
         if body.client_failed() {
             let source: BoxError = match e {
                 SendError::Upstream(u) => Box::new(u),

@@ -18,6 +18,7 @@ mod continuity;
 pub(crate) mod error;
 mod forward;
 pub mod headers;
+pub(crate) mod pace;
 mod route;
 mod tunnel;
 

@@ -17,6 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::scan::{Scanned, Scanner};
+use super::stall::Stall;
 use crate::config::Limits;
 use crate::live::SharedLive;
 use crate::metrics::Metrics;
@@ -189,7 +190,11 @@ where
     });
     let b = builder(limits);
     let conn = b.serve_connection_with_upgrades(
-        TokioIo::new(Scanned::new(io, scanner, limits.header_timeout)),
+        TokioIo::new(Scanned::new(
+            Stall::new(io, limits.send_timeout),
+            scanner,
+            limits.header_timeout,
+        )),
         svc,
     );
     if let Err(e) = watcher.watch(conn).await {

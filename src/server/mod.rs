@@ -6,6 +6,7 @@
 
 mod accept;
 mod scan;
+mod stall;
 pub mod tls;
 
 use std::net::SocketAddr;

@@ -54,6 +54,10 @@ fn is_local_shortage(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(24 | 23 | 12 | 99 | 105))
 }
 
+/// The smallest read-ahead buffer of an upstream connection (hyper's
+/// minimum is 8 KiB).
+const UPSTREAM_MIN_BUF: usize = 16 << 10;
+
 /// The HTTP/1.1 handshake (no I/O) and the connection's task. The task
 /// lives as long as the connection: it ends when the worker closes it, on
 /// an error, or once the [`SendRequest`] is dropped while it is idle.
@@ -64,6 +68,10 @@ pub(super) async fn handshake(
 ) -> Result<SendRequest<OutBody>, UpstreamError> {
     let (tx, conn) = http1::Builder::new()
         .max_header_size(max_response_head)
+        // A slow client holds back the response; what tether reads ahead
+        // from the worker meanwhile is bounded by this buffer (hyper's
+        // default grows to ~400 KiB per connection).
+        .max_buf_size(max_response_head.max(UPSTREAM_MIN_BUF))
         .handshake(TokioIo::new(tcp))
         .await
         .map_err(|source| UpstreamError::NotSent { source })?;

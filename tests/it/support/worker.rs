@@ -1,7 +1,8 @@
 //! A mock worker: a small real HTTP server on 127.0.0.1:0 that records what
 //! it receives and can fail, hang or die on command.
 //!
-//! Query switches: `?ms=N` sleeps N ms before answering; `?die=ID` (worker
+//! Query switches: `?ms=N` sleeps N ms before answering; `?bytes=N`
+//! answers N bytes, streamed; `?die=ID` (worker
 //! ID reads the request, then drops every connection and hangs);
 //! `?reset=1` reads the request, then resets just its connection (RST).
 //! [`Worker::set_close_second`] makes the worker read the second request of
@@ -383,6 +384,8 @@ async fn handle(ctl: &Ctl, req: Request<Incoming>) -> Response<ProxyBody> {
     }
     let mut resp = if path == "/sse" {
         sse(id)
+    } else if let Some(n) = q.get("bytes").and_then(|v| v.parse::<usize>().ok()) {
+        big(n)
     } else {
         Response::new(full(format!("{id}\n")))
     };
@@ -408,6 +411,29 @@ async fn handle(ctl: &Ctl, req: Request<Incoming>) -> Response<ProxyBody> {
             "hop".parse().unwrap(),
         );
     }
+    resp
+}
+
+/// `n` bytes of `x`, streamed in 64 KiB frames (the worker holds one).
+fn big(n: usize) -> Response<ProxyBody> {
+    const FRAME: usize = 64 << 10;
+    let chunk = Bytes::from(vec![b'x'; FRAME]);
+    let stream = futures_util::stream::unfold(n, move |left| {
+        let chunk = chunk.clone();
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let take = left.min(FRAME);
+            Some((
+                Ok::<_, BoxError>(Frame::data(chunk.slice(..take))),
+                left - take,
+            ))
+        }
+    });
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    resp.headers_mut()
+        .insert("content-length", n.to_string().parse().unwrap());
     resp
 }
 
