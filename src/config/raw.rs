@@ -63,6 +63,8 @@ pub struct RawListen {
     pub https: Option<String>,
     /// `admin`: admin API address.
     pub admin: String,
+    /// `trusted_proxies`: CIDRs whose `X-Forwarded-For` is kept.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for RawListen {
@@ -71,6 +73,7 @@ impl Default for RawListen {
             http: None,
             https: None,
             admin: "127.0.0.1:9900".into(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -369,6 +372,10 @@ pub struct RawLimits {
     pub max_sessions: i64,
     /// `response_timeout`: deadline for a worker's response head.
     pub response_timeout: String,
+    /// `max_request_line_bytes`: longest request line.
+    pub max_request_line_bytes: i64,
+    /// `allow_underscore_headers`: forward header names with `_`.
+    pub allow_underscore_headers: bool,
 }
 
 impl Default for RawLimits {
@@ -385,6 +392,8 @@ impl Default for RawLimits {
             max_attempts: 3,
             max_sessions: 1_000_000,
             response_timeout: "60s".into(),
+            max_request_line_bytes: 8192,
+            allow_underscore_headers: false,
         }
     }
 }
