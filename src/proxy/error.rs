@@ -8,7 +8,8 @@ use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use super::body::{full, BoxError, ProxyBody};
-use super::headers::Smuggling;
+use super::headers::{ResponseFraming, Smuggling};
+use super::host::HostError;
 
 /// A failed request.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +20,16 @@ pub(crate) enum ProxyError {
     /// The request head is ambiguous (request smuggling).
     #[error("refused request head: {0}")]
     Smuggling(#[from] Smuggling),
+    /// The request line is longer than `limits.max_request_line_bytes`.
+    #[error("request line longer than {limit} bytes")]
+    UriTooLong {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The request's `Host` is missing, repeated, invalid, or not the one
+    /// the connection's TLS certificate was chosen for.
+    #[error("refused host")]
+    Host(#[from] HostError),
     /// The declared body is larger than `limits.max_body_bytes`.
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge {
@@ -64,6 +75,16 @@ pub(crate) enum ProxyError {
         #[source]
         source: BoxError,
     },
+    /// The worker's response framing cannot be passed on unchanged (a
+    /// `gzip` transfer coding, a length beside `Transfer-Encoding`).
+    #[error("worker {backend} sent a response tether cannot forward")]
+    ResponseFraming {
+        /// The backend id.
+        backend: String,
+        /// What was wrong.
+        #[source]
+        source: ResponseFraming,
+    },
     /// The worker sent no response head within `limits.response_timeout`.
     #[error("worker {backend} did not answer within {after:?}")]
     Timeout {
@@ -107,6 +128,11 @@ impl ProxyError {
         match self {
             ProxyError::ReservedPath => StatusCode::NOT_FOUND,
             ProxyError::Smuggling(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            ProxyError::Host(HostError::Misdirected) => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::Host(HostError::Missing | HostError::Duplicate | HostError::Invalid) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoWorker => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::PinnedUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -117,6 +143,7 @@ impl ProxyError {
             ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::Connect { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::ResponseFraming { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::WorkerLost { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Uncaptured { .. } => StatusCode::BAD_GATEWAY,
@@ -130,12 +157,15 @@ impl ProxyError {
         match self {
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
+            | ProxyError::ResponseFraming { .. }
             | ProxyError::Timeout { .. }
             | ProxyError::WorkerLost { .. }
             | ProxyError::Uncaptured { .. } => true,
             ProxyError::Overloaded { .. } | ProxyError::KeyLookup(_) => false,
             ProxyError::ReservedPath
             | ProxyError::Smuggling(_)
+            | ProxyError::UriTooLong { .. }
+            | ProxyError::Host(_)
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::NoWorker
             | ProxyError::Restore(_)
@@ -149,7 +179,12 @@ impl ProxyError {
         let status = self.status();
         let text = match self {
             ProxyError::ReservedPath => "not found\n",
-            ProxyError::Smuggling(_) => "bad request\n",
+            ProxyError::Smuggling(_)
+            | ProxyError::Host(HostError::Missing | HostError::Duplicate | HostError::Invalid) => {
+                "bad request\n"
+            }
+            ProxyError::Host(HostError::Misdirected) => "misdirected request\n",
+            ProxyError::UriTooLong { .. } => "request line too long\n",
             ProxyError::BodyTooLarge { .. } => "request body too large\n",
             ProxyError::ClientBody { .. } if status == StatusCode::PAYLOAD_TOO_LARGE => {
                 "request body too large\n"
@@ -162,6 +197,7 @@ impl ProxyError {
             | ProxyError::Restore(_) => "service unavailable, retry shortly\n",
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
+            | ProxyError::ResponseFraming { .. }
             | ProxyError::Uncaptured { .. } => "bad gateway\n",
             ProxyError::Timeout { .. } | ProxyError::WorkerLost { .. } => "gateway timeout\n",
         };
@@ -177,7 +213,9 @@ impl ProxyError {
         }
         if matches!(
             self,
-            ProxyError::Smuggling(_) | ProxyError::ClientBody { .. }
+            ProxyError::Smuggling(_)
+                | ProxyError::ClientBody { .. }
+                | ProxyError::UriTooLong { .. }
         ) {
             // The framing is ambiguous or broken: nothing after this head
             // can be trusted.

@@ -18,6 +18,7 @@ mod continuity;
 pub(crate) mod error;
 mod forward;
 pub mod headers;
+pub mod host;
 mod route;
 mod tunnel;
 

@@ -9,6 +9,7 @@ mod affinity;
 mod binary;
 mod continuity;
 mod edge;
+mod edge_requests;
 mod faults;
 mod forwarding;
 mod health;
