@@ -113,7 +113,8 @@ mod tests {
     fn host_rules_of_rfc_9112() {
         use HostError::*;
         let v11 = Version::HTTP_11;
-        let cases: &[(&str, &[&str], Result<Option<&str>, HostError>)] = &[
+        type Row<'a> = (&'a str, &'a [&'a str], Result<Option<&'a str>, HostError>);
+        let cases: &[Row] = &[
             ("/", &["a"], Ok(Some("a"))),
             ("/", &["a:8080"], Ok(Some("a:8080"))),
             ("/", &["[::1]:80"], Ok(Some("[::1]:80"))),

@@ -155,7 +155,8 @@ fn reserved_prefix_in_every_spelling_a_router_might_decode() {
 #[test]
 fn response_framing_is_a_length_or_plain_chunked() {
     use ResponseFraming::*;
-    let cases: &[(&[(&str, &str)], Result<(), ResponseFraming>)] = &[
+    type Row<'a> = (&'a [(&'a str, &'a str)], Result<(), ResponseFraming>);
+    let cases: &[Row] = &[
         (&[("content-length", "3")], Ok(())),
         (&[("transfer-encoding", "chunked")], Ok(())),
         (&[("transfer-encoding", "gzip")], Err(Coding)),
