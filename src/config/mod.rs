@@ -116,6 +116,9 @@ pub struct Listen {
     pub https: Option<SocketAddr>,
     /// Admin listener (default `127.0.0.1:9900`).
     pub admin: SocketAddr,
+    /// Peers whose `X-Forwarded-For` is kept and appended to (default
+    /// none: every client's copy is replaced by the peer address).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// `[tls]`
@@ -388,6 +391,12 @@ pub struct Limits {
     /// Longest a client may accept no bytes of a response while tether
     /// has some to write (default 60 s); then the connection closes.
     pub send_timeout: Duration,
+    /// Longest request line, method and target included (default 8192);
+    /// a longer one gets `414`.
+    pub max_request_line_bytes: usize,
+    /// Whether request headers whose name holds `_` are forwarded
+    /// (default false: dropped, since CGI/WSGI workers read `_` as `-`).
+    pub allow_underscore_headers: bool,
 }
 
 /// `[shutdown]`

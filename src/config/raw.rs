@@ -63,6 +63,8 @@ pub struct RawListen {
     pub https: Option<String>,
     /// `admin`: admin API address.
     pub admin: String,
+    /// `trusted_proxies`: CIDRs whose `X-Forwarded-For` is kept.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for RawListen {
@@ -71,6 +73,7 @@ impl Default for RawListen {
             http: None,
             https: None,
             admin: "127.0.0.1:9900".into(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -375,6 +378,10 @@ pub struct RawLimits {
     pub min_body_rate: i64,
     /// `send_timeout`: longest a client may accept no bytes.
     pub send_timeout: String,
+    /// `max_request_line_bytes`: longest request line.
+    pub max_request_line_bytes: i64,
+    /// `allow_underscore_headers`: forward header names with `_`.
+    pub allow_underscore_headers: bool,
 }
 
 impl Default for RawLimits {
@@ -394,6 +401,8 @@ impl Default for RawLimits {
             body_timeout: "30s".into(),
             min_body_rate: 1024,
             send_timeout: "60s".into(),
+            max_request_line_bytes: 8192,
+            allow_underscore_headers: false,
         }
     }
 }

@@ -51,6 +51,9 @@ fn minimal_config_gets_the_documented_defaults() {
     assert_eq!(c.runtime.threads, None);
     assert_eq!(c.listen.admin, "127.0.0.1:9900".parse().unwrap());
     assert_eq!(c.listen.https, None);
+    assert!(c.listen.trusted_proxies.is_empty());
+    assert_eq!(c.limits.max_request_line_bytes, 8192);
+    assert!(!c.limits.allow_underscore_headers);
     assert!(c.tls.is_none() && c.discovery.is_none() && c.admin.token.is_none());
     let a = &c.affinity;
     assert_eq!(a.cookie, "tether");
@@ -389,4 +392,26 @@ fn the_committed_example_parses() {
     assert!(missing
         .to_string()
         .starts_with("cannot read config file /nonexistent/tether.toml"));
+}
+
+#[test]
+fn trusted_proxies_are_networks_named_by_index() {
+    let text = |list: &str| {
+        base().replace(
+            "http = \"127.0.0.1:8080\"\n",
+            &format!("http = \"127.0.0.1:8080\"\ntrusted_proxies = [{list}]\n"),
+        )
+    };
+    let c = parse(&text("\"10.0.0.0/8\", \"fd00::/8\", \"192.0.2.1\"")).unwrap();
+    let nets: Vec<String> = c
+        .listen
+        .trusted_proxies
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(nets, ["10.0.0.0/8", "fd00::/8", "192.0.2.1/32"]);
+    let e = err(&text("\"10.0.0.0/8\", \"10.0.0.0/33\""));
+    assert!(e.contains("listen.trusted_proxies[1]"), "{e}");
+    let e = err(&with("limits", "max_request_line_bytes = 10"));
+    assert!(e.contains("limits.max_request_line_bytes"), "{e}");
 }

@@ -92,6 +92,12 @@ fn listen(l: &RawListen) -> R<Listen> {
         http: opt(l.http.as_deref(), |v| addr("listen.http", v))?,
         https: opt(l.https.as_deref(), |v| addr("listen.https", v))?,
         admin: addr("listen.admin", &l.admin)?,
+        trusted_proxies: l
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .map(|(i, v)| cidr(&format!("listen.trusted_proxies[{i}]"), v))
+            .collect::<R<_>>()?,
     };
     if listen.http.is_none() && listen.https.is_none() {
         return fail("listen", "set at least one of http, https");
@@ -289,6 +295,13 @@ fn limits(l: &RawLimits) -> R<Limits> {
         body_timeout: dur_pos("limits.body_timeout", &l.body_timeout)?,
         min_body_rate: int("limits.min_body_rate", l.min_body_rate, 0, 1 << 30)?,
         send_timeout: dur_pos("limits.send_timeout", &l.send_timeout)?,
+        max_request_line_bytes: int(
+            "limits.max_request_line_bytes",
+            l.max_request_line_bytes,
+            256,
+            1 << 20,
+        )?,
+        allow_underscore_headers: l.allow_underscore_headers,
     })
 }
 
@@ -338,6 +351,16 @@ fn int<T: TryFrom<i64>>(key: &str, n: i64, min: i64, max: i64) -> R<T> {
         Ok(t) if (min..=max).contains(&n) => Ok(t),
         _ => fail(key, format!("{n} is out of range {min}..={max}")),
     }
+}
+
+/// A network like `"10.0.0.0/8"`; a bare address is a network of one.
+fn cidr(key: &str, v: &str) -> R<ipnet::IpNet> {
+    let s = interpolate(key, v)?;
+    let s = s.trim();
+    let msg = format!("{s:?} is not a network like \"10.0.0.0/8\" or an address");
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .or_else(|_| fail(key, msg))
 }
 
 fn addr(key: &str, v: &str) -> R<SocketAddr> {

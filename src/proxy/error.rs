@@ -8,7 +8,8 @@ use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use super::body::{full, BoxError, ProxyBody};
-use super::headers::Smuggling;
+use super::headers::{ResponseFraming, Smuggling};
+use super::host::HostError;
 use super::pace::SlowBody;
 
 /// A failed request.
@@ -20,6 +21,16 @@ pub(crate) enum ProxyError {
     /// The request head is ambiguous (request smuggling).
     #[error("refused request head: {0}")]
     Smuggling(#[from] Smuggling),
+    /// The request line is longer than `limits.max_request_line_bytes`.
+    #[error("request line longer than {limit} bytes")]
+    UriTooLong {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The request's `Host` is missing, repeated, invalid, or not the one
+    /// the connection's TLS certificate was chosen for.
+    #[error("refused host")]
+    Host(#[from] HostError),
     /// The declared body is larger than `limits.max_body_bytes`.
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge {
@@ -65,6 +76,16 @@ pub(crate) enum ProxyError {
         #[source]
         source: BoxError,
     },
+    /// The worker's response framing cannot be passed on unchanged (a
+    /// `gzip` transfer coding, a length beside `Transfer-Encoding`).
+    #[error("worker {backend} sent a response tether cannot forward")]
+    ResponseFraming {
+        /// The backend id.
+        backend: String,
+        /// What was wrong.
+        #[source]
+        source: ResponseFraming,
+    },
     /// The worker sent no response head within `limits.response_timeout`.
     #[error("worker {backend} did not answer within {after:?}")]
     Timeout {
@@ -108,6 +129,11 @@ impl ProxyError {
         match self {
             ProxyError::ReservedPath => StatusCode::NOT_FOUND,
             ProxyError::Smuggling(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            ProxyError::Host(HostError::Misdirected) => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::Host(HostError::Missing | HostError::Duplicate | HostError::Invalid) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoWorker => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::PinnedUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -121,6 +147,7 @@ impl ProxyError {
             ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::Connect { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::ResponseFraming { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::WorkerLost { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Uncaptured { .. } => StatusCode::BAD_GATEWAY,
@@ -134,12 +161,15 @@ impl ProxyError {
         match self {
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
+            | ProxyError::ResponseFraming { .. }
             | ProxyError::Timeout { .. }
             | ProxyError::WorkerLost { .. }
             | ProxyError::Uncaptured { .. } => true,
             ProxyError::Overloaded { .. } | ProxyError::KeyLookup(_) => false,
             ProxyError::ReservedPath
             | ProxyError::Smuggling(_)
+            | ProxyError::UriTooLong { .. }
+            | ProxyError::Host(_)
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::NoWorker
             | ProxyError::Restore(_)
@@ -153,7 +183,12 @@ impl ProxyError {
         let status = self.status();
         let text = match self {
             ProxyError::ReservedPath => "not found\n",
-            ProxyError::Smuggling(_) => "bad request\n",
+            ProxyError::Smuggling(_)
+            | ProxyError::Host(HostError::Missing | HostError::Duplicate | HostError::Invalid) => {
+                "bad request\n"
+            }
+            ProxyError::Host(HostError::Misdirected) => "misdirected request\n",
+            ProxyError::UriTooLong { .. } => "request line too long\n",
             ProxyError::BodyTooLarge { .. } => "request body too large\n",
             ProxyError::ClientBody { .. } if status == StatusCode::PAYLOAD_TOO_LARGE => {
                 "request body too large\n"
@@ -169,6 +204,7 @@ impl ProxyError {
             | ProxyError::Restore(_) => "service unavailable, retry shortly\n",
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
+            | ProxyError::ResponseFraming { .. }
             | ProxyError::Uncaptured { .. } => "bad gateway\n",
             ProxyError::Timeout { .. } | ProxyError::WorkerLost { .. } => "gateway timeout\n",
         };
@@ -184,7 +220,9 @@ impl ProxyError {
         }
         if matches!(
             self,
-            ProxyError::Smuggling(_) | ProxyError::ClientBody { .. }
+            ProxyError::Smuggling(_)
+                | ProxyError::ClientBody { .. }
+                | ProxyError::UriTooLong { .. }
         ) {
             // The framing is ambiguous or broken: nothing after this head
             // can be trusted.

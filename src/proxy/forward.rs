@@ -72,7 +72,10 @@ impl Proxy {
         live: &Live,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        Self::screen(&req, live)?;
+        if !live.config.limits.allow_underscore_headers {
+            headers::drop_underscored(req.headers_mut());
+        }
+        let host = Self::screen(&req, peer, live)?;
         self.preload_key_pin(req.headers(), live).await?;
         let workers = self.0.workers.snapshot();
         let mut route = self.route(req.headers(), live, &workers, trace)?;
@@ -84,12 +87,6 @@ impl Proxy {
         let upgrade = headers::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let host = parts.headers.get(HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
         // Only removals here: values tether adds go into each attempt's
         // copy, so copying the client's (parser-shared) values stays cheap.
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
@@ -472,6 +469,14 @@ impl Proxy {
             instance: conn_instance,
             ..
         } = sent;
+        // Checked before anything of the response is used; the worker
+        // answered, so this is no connection failure (no passive count).
+        headers::check_response_framing(resp.headers()).map_err(|source| {
+            ProxyError::ResponseFraming {
+                backend: route.backend.id.clone(),
+                source,
+            }
+        })?;
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         let said = instance_of(resp.headers()).map(Arc::<str>::from);
         // A response from another process than the pin names (a worker

@@ -2,6 +2,9 @@
 //! ways, and the headers tether sets for workers.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
@@ -44,6 +47,9 @@ pub enum Smuggling {
     /// A `Transfer-Encoding` whose last coding is not `chunked`.
     #[error("Transfer-Encoding does not end in chunked")]
     TransferEncoding,
+    /// `chunked` applied more than once (`chunked, chunked`).
+    #[error("Transfer-Encoding names chunked more than once")]
+    ChunkedTwice,
 }
 
 /// Checks the framing headers hyper leaves to us: whatever two parsers
@@ -63,18 +69,68 @@ pub fn check_framing(h: &HeaderMap) -> Result<(), Smuggling> {
         }
     }
     if has_te {
-        let last = h
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|s| !s.is_empty());
-        if !last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
+        let codings = codings(h);
+        if !codings
+            .last()
+            .is_some_and(|c| c.eq_ignore_ascii_case("chunked"))
+        {
             return Err(Smuggling::TransferEncoding);
+        }
+        // RFC 9112 §6.1: chunked is applied once; a second one is read by
+        // one parser as a coding and by another as the framing.
+        let chunked = codings.iter().filter(|c| c.eq_ignore_ascii_case("chunked"));
+        if chunked.count() > 1 {
+            return Err(Smuggling::ChunkedTwice);
         }
     }
     Ok(())
+}
+
+/// The transfer codings of all `Transfer-Encoding` lines, in order (an
+/// unreadable value counts as one unknown coding).
+fn codings(h: &HeaderMap) -> Vec<&str> {
+    h.get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Why a worker's response cannot be passed on (answered `502`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ResponseFraming {
+    /// A transfer coding besides `chunked` (`gzip`): tether re-frames the
+    /// body and would silently drop the coding.
+    #[error("response Transfer-Encoding other than chunked")]
+    Coding,
+    /// Both `Content-Length` and `Transfer-Encoding`.
+    #[error("response with both Content-Length and Transfer-Encoding")]
+    LengthAndChunked,
+}
+
+/// Checks a worker's response framing: only a plain `chunked` or a length
+/// can be re-framed for the client without changing what it receives.
+pub fn check_response_framing(h: &HeaderMap) -> Result<(), ResponseFraming> {
+    if !h.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(());
+    }
+    if h.contains_key(header::CONTENT_LENGTH) {
+        return Err(ResponseFraming::LengthAndChunked);
+    }
+    match codings(h).as_slice() {
+        [only] if only.eq_ignore_ascii_case("chunked") => Ok(()),
+        _ => Err(ResponseFraming::Coding),
+    }
+}
+
+/// Drops every request header whose name holds `_`: CGI and WSGI workers
+/// read `X_Real_IP` as `X-Real-IP` (nginx's `underscores_in_headers off`),
+/// which would smuggle it past the forwarding-header rewrite.
+pub fn drop_underscored(h: &mut HeaderMap) {
+    while let Some(name) = h.keys().find(|k| k.as_str().contains('_')).cloned() {
+        h.remove(name);
+    }
 }
 
 fn parse_length(v: &HeaderValue) -> Result<u64, Smuggling> {
@@ -150,11 +206,23 @@ pub struct Peer {
     xff: Option<HeaderValue>,
     /// `Forwarded` without its `host`: `for=…;proto=…`.
     forwarded: String,
+    /// `listen.trusted_proxies`, when the peer is in one of them: its
+    /// client's `X-Forwarded-For` is kept and appended to.
+    trusted: Option<Arc<[IpNet]>>,
+    /// The SNI name of a named certificate (`[[tls.sni]]`) that served the
+    /// connection, lowercase: requests for another host get `421`.
+    pub sni: Option<Arc<str>>,
 }
 
 impl Peer {
     /// The peer of a connection from `addr`, over TLS or not.
     pub fn new(addr: SocketAddr, tls: bool) -> Peer {
+        Peer::with_trust(addr, tls, &[])
+    }
+
+    /// The peer of a connection from `addr`, whose `X-Forwarded-For` is
+    /// kept when `addr` is in one of the `trusted` networks.
+    pub fn with_trust(addr: SocketAddr, tls: bool, trusted: &[IpNet]) -> Peer {
         // A v4 client on a dual-stack listener shows as its v4 address.
         let ip = addr.ip().to_canonical();
         let proto = if tls { "https" } else { "http" };
@@ -167,13 +235,57 @@ impl Peer {
             tls,
             xff: HeaderValue::from_str(&ip.to_string()).ok(),
             forwarded,
+            trusted: trusted
+                .iter()
+                .any(|n| n.contains(&ip))
+                .then(|| trusted.into()),
+            sni: None,
         }
+    }
+
+    /// `X-Forwarded-For` for the worker: the peer's address, after the
+    /// client's chain when the peer is a trusted proxy.
+    fn forwarded_for(&self, h: &HeaderMap) -> Option<HeaderValue> {
+        let own = self.xff.as_ref()?;
+        if self.trusted.is_none() || !h.contains_key(&FORWARDING[0]) {
+            return Some(own.clone());
+        }
+        let mut chain = Vec::new();
+        for v in h.get_all(&FORWARDING[0]) {
+            let v = v.as_bytes().trim_ascii();
+            if !v.is_empty() {
+                chain.extend_from_slice(v);
+                chain.extend_from_slice(b", ");
+            }
+        }
+        chain.extend_from_slice(own.as_bytes());
+        HeaderValue::from_bytes(&chain).ok().or(Some(own.clone()))
+    }
+
+    /// The client of a request from a trusted proxy: the right-most
+    /// address of its `X-Forwarded-For` that is not in a trusted network.
+    fn client(&self, h: &HeaderMap) -> Option<IpAddr> {
+        let trusted = self.trusted.as_ref()?;
+        let items: Vec<&str> = h
+            .get_all(&FORWARDING[0])
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .collect();
+        items
+            .iter()
+            .rev()
+            .map(|item| item.trim().parse::<IpAddr>().ok())
+            .find(|ip| !ip.is_some_and(|ip| trusted.iter().any(|n| n.contains(&ip))))
+            .flatten()
     }
 }
 
 /// Rewrites a client request's headers for the worker: forwarding headers
 /// from the socket (client copies replaced), `Tether-*` set by tether only.
 pub fn rewrite_request(h: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue>) {
+    let xff = peer.forwarded_for(h);
+    let client = peer.client(h);
     for name in &FORWARDING {
         h.remove(name);
     }
@@ -181,8 +293,8 @@ pub fn rewrite_request(h: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue
     while let Some(name) = h.keys().find(|k| is_tether_header(k)).cloned() {
         h.remove(name);
     }
-    if let Some(v) = &peer.xff {
-        h.insert(FORWARDING[0].clone(), v.clone());
+    if let Some(v) = xff {
+        h.insert(FORWARDING[0].clone(), v);
     }
     let proto = if peer.tls { "https" } else { "http" };
     h.insert(FORWARDING[1].clone(), HeaderValue::from_static(proto));
@@ -194,7 +306,18 @@ pub fn rewrite_request(h: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
     });
     let mut forwarded = Vec::with_capacity(peer.forwarded.len() + host.map_or(0, |h| h.len() + 8));
-    forwarded.extend_from_slice(peer.forwarded.as_bytes());
+    match client {
+        // Behind a trusted proxy, `for=` names the client it forwarded.
+        Some(ip) => {
+            let proto = if peer.tls { "https" } else { "http" };
+            let f = match ip.to_canonical() {
+                IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
+                IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={proto}"),
+            };
+            forwarded.extend_from_slice(f.as_bytes());
+        }
+        None => forwarded.extend_from_slice(peer.forwarded.as_bytes()),
+    }
     if let Some(host) = host {
         forwarded.extend_from_slice(b";host=\"");
         forwarded.extend_from_slice(host.as_bytes());

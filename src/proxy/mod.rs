@@ -1,6 +1,7 @@
 //! The request path. One request runs these phases:
 //!
-//! 1. **screen**: reserved prefix, smuggling checks, declared body size;
+//! 1. **screen**: headers with `_` dropped, smuggling checks, request-line
+//!    length, `Host` ([`host`]), reserved prefix, declared body size;
 //! 2. **route**: read the pin (cookie or request key), run the decision
 //!    table, choose a worker for a new or moved session ([`route`]);
 //! 3. **continuity**: follow a newer pin, or move the session (restore its
@@ -18,6 +19,7 @@ mod continuity;
 pub(crate) mod error;
 mod forward;
 pub mod headers;
+pub mod host;
 pub(crate) mod pace;
 mod route;
 mod tunnel;

@@ -3,11 +3,12 @@
 
 use std::sync::Arc;
 
-use http::header::CONTENT_LENGTH;
-use http::{HeaderMap, Request};
+use http::header::{HeaderValue, CONTENT_LENGTH};
+use http::{HeaderMap, Request, Version};
 use hyper::body::Incoming;
 
-use super::{headers, Proxy, ProxyError, Trace};
+use super::headers::{Peer, Smuggling};
+use super::{headers, host, Proxy, ProxyError, Trace};
 use crate::affinity::sessions::Touched;
 use crate::affinity::{
     self, cookies, Decision, Pin, PinOutcome, PinnedState, RejectReason, SessionId,
@@ -59,9 +60,36 @@ impl Route {
     }
 }
 
+/// The length of the request line `METHOD SP target SP HTTP/1.1` (on
+/// HTTP/2, with `:path` as the target).
+fn request_line_len<B>(req: &Request<B>) -> usize {
+    let uri = req.uri();
+    let path = uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let authority = match (req.version(), uri.authority()) {
+        (Version::HTTP_2 | Version::HTTP_3, _) | (_, None) => 0,
+        // Absolute form: "scheme://authority".
+        (_, Some(a)) => uri.scheme_str().map_or(0, |s| s.len() + 3) + a.as_str().len(),
+    };
+    req.method().as_str().len() + 1 + authority + path + " HTTP/1.1".len()
+}
+
 impl Proxy {
     /// Refuses what must never reach a worker.
-    pub(super) fn screen(req: &Request<Incoming>, live: &Live) -> Result<(), ProxyError> {
+    /// Returns the host to forward (see [`host::effective_host`]).
+    pub(super) fn screen(
+        req: &Request<Incoming>,
+        peer: &Peer,
+        live: &Live,
+    ) -> Result<Option<HeaderValue>, ProxyError> {
+        // The connection's scanner saw a head hyper hides the ambiguity of.
+        if let Some(refused) = req.extensions().get::<Smuggling>() {
+            return Err(ProxyError::Smuggling(*refused));
+        }
+        let limit = live.config.limits.max_request_line_bytes;
+        if request_line_len(req) > limit {
+            return Err(ProxyError::UriTooLong { limit });
+        }
+        let host = host::effective_host(req, peer)?;
         if headers::is_reserved(req.uri().path(), &live.config.state.path) {
             return Err(ProxyError::ReservedPath);
         }
@@ -76,7 +104,7 @@ impl Proxy {
                 return Err(ProxyError::BodyTooLarge { limit });
             }
         }
-        Ok(())
+        Ok(host)
     }
 
     /// Reads the request's pin and decides where it goes.

@@ -22,7 +22,7 @@ use crate::config::Limits;
 use crate::live::SharedLive;
 use crate::metrics::Metrics;
 use crate::proxy::headers::Smuggling;
-use crate::proxy::{Peer, Proxy, ProxyError};
+use crate::proxy::{Peer, Proxy};
 
 /// Most concurrent HTTP/2 streams per connection.
 const H2_MAX_STREAMS: u32 = 128;
@@ -92,6 +92,15 @@ pub(super) async fn serve(
         let _ = stream.set_nodelay(true);
         let live = settings.load();
         let limits = live.config.limits.clone();
+        let trusted = live.config.listen.trusted_proxies.clone();
+        // Names of the `[[tls.sni]]` certificates: a connection served with
+        // one of them is for that host only (421 for others).
+        let named: Vec<String> = live
+            .config
+            .tls
+            .as_ref()
+            .map(|t| t.sni.iter().map(|s| s.name.to_ascii_lowercase()).collect())
+            .unwrap_or_default();
         drop(live);
         let tls_cfg = tls.as_ref().and_then(|t| t.load_full());
         let is_tls = tls.is_some();
@@ -100,7 +109,7 @@ pub(super) async fn serve(
         let metrics = limit.metrics.clone();
         tokio::spawn(async move {
             metrics.connection(true);
-            let peer = Peer::new(addr, is_tls);
+            let mut peer = Peer::with_trust(addr, is_tls, &trusted);
             match (is_tls, tls_cfg) {
                 (false, _) => serve_conn(stream, peer, proxy, &limits, watcher).await,
                 (true, Some(cfg)) => {
@@ -108,6 +117,11 @@ pub(super) async fn serve(
                     match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await
                     {
                         Ok(Ok(tls_stream)) => {
+                            let sni = tls_stream.get_ref().1.server_name();
+                            peer.sni = sni
+                                .map(str::to_ascii_lowercase)
+                                .filter(|n| named.contains(n))
+                                .map(Into::into);
                             serve_conn(tls_stream, peer, proxy, &limits, watcher).await
                         }
                         Ok(Err(e)) => {
@@ -165,19 +179,16 @@ where
     let switched = scanner.switch();
     let peer = Arc::new(peer);
     let conn_peer = peer.clone();
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
         let peer = conn_peer.clone();
-        let refuse = smuggled.load(Ordering::Relaxed);
+        if smuggled.load(Ordering::Relaxed) {
+            // Refused by the outer handler, which logs and counts it.
+            req.extensions_mut().insert(Smuggling::LengthAndChunked);
+        }
         let switched = switched.clone();
         let connect = req.method() == http::Method::CONNECT;
         async move {
-            if refuse {
-                tracing::debug!(peer = %peer.addr, "refused a head with both Content-Length and Transfer-Encoding");
-                return Ok::<_, Infallible>(
-                    ProxyError::from(Smuggling::LengthAndChunked).to_response(),
-                );
-            }
             let resp = proxy.handle(req, &peer).await;
             // What follows a 101 (or a CONNECT's 2xx) is not HTTP/1:
             // stop scanning it for heads.

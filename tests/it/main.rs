@@ -9,6 +9,7 @@ mod affinity;
 mod binary;
 mod continuity;
 mod edge;
+mod edge_requests;
 mod edge_slow;
 mod faults;
 mod forwarding;

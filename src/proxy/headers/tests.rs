@@ -47,6 +47,17 @@ fn framing_table() {
             &[("transfer-encoding", "identity")],
             Err(Smuggling::TransferEncoding),
         ),
+        (
+            &[("transfer-encoding", "chunked, chunked")],
+            Err(Smuggling::ChunkedTwice),
+        ),
+        (
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "Chunked"),
+            ],
+            Err(Smuggling::ChunkedTwice),
+        ),
     ];
     for (pairs, want) in cases {
         assert_eq!(check_framing(&map(pairs)), *want, "{pairs:?}");
@@ -139,4 +150,48 @@ fn reserved_prefix_in_every_spelling_a_router_might_decode() {
     }
     assert!(is_reserved("/Internal/State/x", "/internal/state"));
     assert!(!is_reserved("/internal/x", "/internal/state"));
+}
+
+#[test]
+fn response_framing_is_a_length_or_plain_chunked() {
+    use ResponseFraming::*;
+    type Row<'a> = (&'a [(&'a str, &'a str)], Result<(), ResponseFraming>);
+    let cases: &[Row] = &[
+        (&[("content-length", "3")], Ok(())),
+        (&[("transfer-encoding", "chunked")], Ok(())),
+        (&[("transfer-encoding", "gzip")], Err(Coding)),
+        (&[("transfer-encoding", "gzip, chunked")], Err(Coding)),
+        (
+            &[("transfer-encoding", "chunked"), ("content-length", "3")],
+            Err(LengthAndChunked),
+        ),
+    ];
+    for (pairs, want) in cases {
+        assert_eq!(check_response_framing(&map(pairs)), *want, "{pairs:?}");
+    }
+}
+
+#[test]
+fn names_with_underscores_are_dropped() {
+    let mut h = map(&[("x_real_ip", "1"), ("tether_session", "2"), ("x-kept", "3")]);
+    drop_underscored(&mut h);
+    assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+}
+
+#[test]
+fn a_trusted_proxy_keeps_the_chain_and_names_the_client() {
+    let nets: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+    let from = |ip: [u8; 4]| Peer::with_trust((ip, 9).into(), false, &nets);
+    let client = map(&[("x-forwarded-for", "6.6.6.6, 203.0.113.7, 10.1.1.1")]);
+    let mut h = client.clone();
+    rewrite_request(&mut h, &from([10, 0, 0, 2]), None);
+    assert_eq!(
+        h["x-forwarded-for"],
+        "6.6.6.6, 203.0.113.7, 10.1.1.1, 10.0.0.2"
+    );
+    assert_eq!(h["forwarded"], "for=203.0.113.7;proto=http");
+    let mut h = client;
+    rewrite_request(&mut h, &from([192, 0, 2, 1]), None);
+    assert_eq!(h["x-forwarded-for"], "192.0.2.1");
+    assert_eq!(h["forwarded"], "for=192.0.2.1;proto=http");
 }
