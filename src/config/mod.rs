@@ -378,6 +378,14 @@ pub struct Limits {
     /// Deadline for a worker's response head after the request was sent
     /// (default 60 s); past it the client gets `504`.
     pub response_timeout: Duration,
+    /// HTTP/2 streams a client may have open on one connection (default
+    /// 100, advertised in SETTINGS).
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 receive window per stream in bytes (default 65536): what a
+    /// client may send on a stream before tether reads it.
+    pub h2_initial_stream_window: u32,
+    /// HTTP/2 receive window per connection in bytes (default 1048576).
+    pub h2_initial_connection_window: u32,
 }
 
 /// `[shutdown]`

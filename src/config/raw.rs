@@ -369,6 +369,12 @@ pub struct RawLimits {
     pub max_sessions: i64,
     /// `response_timeout`: deadline for a worker's response head.
     pub response_timeout: String,
+    /// `h2_max_concurrent_streams`: HTTP/2 streams a client may open at once.
+    pub h2_max_concurrent_streams: i64,
+    /// `h2_initial_stream_window`: HTTP/2 receive window per stream, bytes.
+    pub h2_initial_stream_window: i64,
+    /// `h2_initial_connection_window`: HTTP/2 receive window per connection.
+    pub h2_initial_connection_window: i64,
 }
 
 impl Default for RawLimits {
@@ -385,6 +391,9 @@ impl Default for RawLimits {
             max_attempts: 3,
             max_sessions: 1_000_000,
             response_timeout: "60s".into(),
+            h2_max_concurrent_streams: 100,
+            h2_initial_stream_window: 64 << 10,
+            h2_initial_connection_window: 1 << 20,
         }
     }
 }

@@ -23,8 +23,6 @@ use crate::metrics::Metrics;
 use crate::proxy::headers::Smuggling;
 use crate::proxy::{Peer, Proxy, ProxyError};
 
-/// Most concurrent HTTP/2 streams per connection.
-const H2_MAX_STREAMS: u32 = 128;
 /// Most bytes queued to send per HTTP/2 stream (hyper's default is 400
 /// KiB): a client that never reads cannot pin more than streams x this.
 const H2_MAX_SEND_BUF: usize = 64 * 1024;
@@ -145,7 +143,9 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .initial_stream_window_size(limits.h2_initial_stream_window)
+        .initial_connection_window_size(limits.h2_initial_connection_window)
         .max_send_buf_size(H2_MAX_SEND_BUF)
         .max_pending_accept_reset_streams(H2_MAX_RESETS)
         .max_local_error_reset_streams(H2_MAX_RESETS)
