@@ -17,6 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::scan::{Scanned, Scanner};
+use super::tls::HandshakeLog;
 use crate::config::Limits;
 use crate::live::SharedLive;
 use crate::metrics::Metrics;
@@ -34,6 +35,7 @@ const H2_MAX_RESETS: usize = 100;
 pub(crate) struct ConnLimit {
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    handshakes: Arc<HandshakeLog>,
 }
 
 impl ConnLimit {
@@ -42,6 +44,7 @@ impl ConnLimit {
         ConnLimit {
             permits: Arc::new(Semaphore::new(max)),
             metrics,
+            handshakes: Arc::new(HandshakeLog::new()),
         }
     }
 
@@ -95,6 +98,7 @@ pub(super) async fn serve(
         let watcher = graceful.watcher();
         let proxy = proxy.clone();
         let metrics = limit.metrics.clone();
+        let handshakes = limit.handshakes.clone();
         tokio::spawn(async move {
             metrics.connection(true);
             let peer = Peer::new(addr, is_tls);
@@ -108,7 +112,16 @@ pub(super) async fn serve(
                             serve_conn(tls_stream, peer, proxy, &limits, watcher).await
                         }
                         Ok(Err(e)) => {
-                            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed")
+                            metrics.tls_handshake_failed();
+                            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                            if let Some(n) = handshakes.failed(std::time::Instant::now()) {
+                                tracing::warn!(
+                                    failed = n,
+                                    last_peer = %addr,
+                                    last_error = %e,
+                                    "TLS handshakes failed (one line a minute; see tether_tls_handshake_failures_total)"
+                                );
+                            }
                         }
                         Err(_) => tracing::debug!(peer = %addr, "TLS handshake timed out"),
                     }
