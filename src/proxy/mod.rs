@@ -40,6 +40,7 @@ use crate::upstream::Upstream;
 pub use body::ProxyBody;
 pub(crate) use error::ProxyError;
 pub use headers::Peer;
+pub(crate) use tunnel::Tunnels;
 
 /// The proxy service; cheap to clone. It holds the handles the request
 /// path needs and nothing else reaches into it.
@@ -55,6 +56,7 @@ struct Inner {
     upstream: Upstream,
     metrics: Arc<Metrics>,
     clock: SharedClock,
+    tunnels: Tunnels,
     requests: AtomicU64,
 }
 
@@ -75,6 +77,8 @@ pub(crate) struct Parts {
     pub metrics: Arc<Metrics>,
     /// Wall clock for pin lifetimes.
     pub clock: SharedClock,
+    /// Open upgraded connections.
+    pub tunnels: Tunnels,
 }
 
 impl Proxy {
@@ -88,6 +92,7 @@ impl Proxy {
             upstream: parts.upstream,
             metrics: parts.metrics,
             clock: parts.clock,
+            tunnels: parts.tunnels,
             requests: AtomicU64::new(0),
         }))
     }
