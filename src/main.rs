@@ -92,8 +92,14 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // rustls warns once per handshake with a malformed SNI name: a scanner
+    // could flood the log. tether counts failed handshakes and logs them
+    // at most once a minute instead (`tether_tls_handshake_failures_total`).
+    if let Ok(quiet) = "rustls::msgs::handshake=error".parse() {
+        filter = filter.add_directive(quiet);
+    }
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

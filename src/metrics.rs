@@ -80,6 +80,8 @@ pub(crate) struct Metrics {
     store_writes_dropped: Counter,
     connections: Gauge,
     connections_refused: Counter,
+    tls_reload_refused: Counter,
+    tls_handshake_failures: Counter,
     upstream_connects: Counter,
     upstream_verifications: Counter,
     upstream_reuses: Counter,
@@ -135,6 +137,8 @@ impl Metrics {
             store_writes_dropped: Counter::default(),
             connections: Gauge::default(),
             connections_refused: Counter::default(),
+            tls_reload_refused: Counter::default(),
+            tls_handshake_failures: Counter::default(),
             upstream_connects: Counter::default(),
             upstream_verifications: Counter::default(),
             upstream_reuses: Counter::default(),
@@ -166,6 +170,8 @@ impl Metrics {
             "store_writes_dropped", "Session writes dropped: queue full or store down" => store_writes_dropped,
             "connections", "Open client connections" => connections,
             "connections_refused", "Client connections refused at limits.max_connections" => connections_refused,
+            "tls_reload_refused", "Reloads refused because a certificate or key did not load or match" => tls_reload_refused,
+            "tls_handshake_failures", "Client TLS handshakes that failed (malformed SNI, no common version, ...)" => tls_handshake_failures,
             "upstream_connects", "New connections to workers" => upstream_connects,
             "upstream_verifications", "Connection checks (GET health.path) on new worker connections" => upstream_verifications,
             "upstream_reuses", "Requests sent over a reused worker connection" => upstream_reuses,
@@ -341,6 +347,16 @@ impl Metrics {
     /// A client connection refused at `limits.max_connections`.
     pub(crate) fn connection_refused(&self) {
         self.connections_refused.inc();
+    }
+
+    /// A reload refused for its certificates (the old ones keep serving).
+    pub(crate) fn tls_reload_refused(&self) {
+        self.tls_reload_refused.inc();
+    }
+
+    /// A client TLS handshake that failed.
+    pub(crate) fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.inc();
     }
 }
 

@@ -397,6 +397,14 @@ pub struct Limits {
     /// Whether request headers whose name holds `_` are forwarded
     /// (default false: dropped, since CGI/WSGI workers read `_` as `-`).
     pub allow_underscore_headers: bool,
+    /// HTTP/2 streams a client may have open on one connection (default
+    /// 100, advertised in SETTINGS).
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 receive window per stream in bytes (default 65536): what a
+    /// client may send on a stream before tether reads it.
+    pub h2_initial_stream_window: u32,
+    /// HTTP/2 receive window per connection in bytes (default 1048576).
+    pub h2_initial_connection_window: u32,
 }
 
 /// `[shutdown]`

@@ -382,6 +382,12 @@ pub struct RawLimits {
     pub max_request_line_bytes: i64,
     /// `allow_underscore_headers`: forward header names with `_`.
     pub allow_underscore_headers: bool,
+    /// `h2_max_concurrent_streams`: HTTP/2 streams a client may open at once.
+    pub h2_max_concurrent_streams: i64,
+    /// `h2_initial_stream_window`: HTTP/2 receive window per stream, bytes.
+    pub h2_initial_stream_window: i64,
+    /// `h2_initial_connection_window`: HTTP/2 receive window per connection.
+    pub h2_initial_connection_window: i64,
 }
 
 impl Default for RawLimits {
@@ -403,6 +409,9 @@ impl Default for RawLimits {
             send_timeout: "60s".into(),
             max_request_line_bytes: 8192,
             allow_underscore_headers: false,
+            h2_max_concurrent_streams: 100,
+            h2_initial_stream_window: 64 << 10,
+            h2_initial_connection_window: 1 << 20,
         }
     }
 }

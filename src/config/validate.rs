@@ -277,6 +277,9 @@ fn state(s: &RawState) -> R<State> {
     })
 }
 
+/// The largest HTTP/2 flow-control window (2^31-1).
+const H2_MAX_WINDOW: i64 = (1 << 31) - 1;
+
 fn limits(l: &RawLimits) -> R<Limits> {
     let max_body = |n| int("limits.max_body_bytes", n, 1, i64::MAX);
     Ok(Limits {
@@ -302,6 +305,26 @@ fn limits(l: &RawLimits) -> R<Limits> {
             1 << 20,
         )?,
         allow_underscore_headers: l.allow_underscore_headers,
+        h2_max_concurrent_streams: int(
+            "limits.h2_max_concurrent_streams",
+            l.h2_max_concurrent_streams,
+            1,
+            10_000,
+        )?,
+        // RFC 9113 6.5.2: windows are at most 2^31-1. The connection
+        // window starts at 65535 and can only be raised.
+        h2_initial_stream_window: int(
+            "limits.h2_initial_stream_window",
+            l.h2_initial_stream_window,
+            1024,
+            H2_MAX_WINDOW,
+        )?,
+        h2_initial_connection_window: int(
+            "limits.h2_initial_connection_window",
+            l.h2_initial_connection_window,
+            65_535,
+            H2_MAX_WINDOW,
+        )?,
     })
 }
 

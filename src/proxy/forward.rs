@@ -537,6 +537,11 @@ impl Proxy {
         };
         let pin = learned_pin.as_ref().unwrap_or(&route.pin);
         let set_cookie = route.set_cookie || learned_pin.is_some();
+        let websocket = switching
+            && resp
+                .headers()
+                .get(http::header::UPGRADE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
         let h = resp.headers_mut();
         headers::strip_hop_by_hop(h, switching);
         strip_worker_headers(h, live.codec.name());
@@ -551,12 +556,13 @@ impl Proxy {
         if switching {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             if let Some(client_upgrade) = client_upgrade {
-                tunnel::spawn(
-                    client_upgrade,
-                    upstream_upgrade,
-                    live.config.limits.stream_idle,
-                    route.backend.id.clone(),
-                );
+                let opts = tunnel::Opts {
+                    idle: live.config.limits.stream_idle,
+                    grace: live.config.shutdown.grace,
+                    backend: route.backend.id.clone(),
+                    websocket,
+                };
+                tunnel::spawn(client_upgrade, upstream_upgrade, &self.0.tunnels, opts);
             }
             let (parts, _) = resp.into_parts();
             return Ok((Response::from_parts(parts, super::body::empty()), stranger));

@@ -43,6 +43,7 @@ use crate::upstream::Upstream;
 pub use body::ProxyBody;
 pub(crate) use error::ProxyError;
 pub use headers::Peer;
+pub(crate) use tunnel::Tunnels;
 
 /// The proxy service; cheap to clone. It holds the handles the request
 /// path needs and nothing else reaches into it.
@@ -58,6 +59,7 @@ struct Inner {
     upstream: Upstream,
     metrics: Arc<Metrics>,
     clock: SharedClock,
+    tunnels: Tunnels,
     requests: AtomicU64,
 }
 
@@ -78,6 +80,8 @@ pub(crate) struct Parts {
     pub metrics: Arc<Metrics>,
     /// Wall clock for pin lifetimes.
     pub clock: SharedClock,
+    /// Open upgraded connections.
+    pub tunnels: Tunnels,
 }
 
 impl Proxy {
@@ -91,6 +95,7 @@ impl Proxy {
             upstream: parts.upstream,
             metrics: parts.metrics,
             clock: parts.clock,
+            tunnels: parts.tunnels,
             requests: AtomicU64::new(0),
         }))
     }

@@ -18,14 +18,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::scan::{Scanned, Scanner};
 use super::stall::Stall;
+use super::tls::HandshakeLog;
 use crate::config::Limits;
 use crate::live::SharedLive;
 use crate::metrics::Metrics;
 use crate::proxy::headers::Smuggling;
 use crate::proxy::{Peer, Proxy};
 
-/// Most concurrent HTTP/2 streams per connection.
-const H2_MAX_STREAMS: u32 = 128;
 /// Most bytes queued to send per HTTP/2 stream (hyper's default is 400
 /// KiB): a client that never reads cannot pin more than streams x this.
 const H2_MAX_SEND_BUF: usize = 64 * 1024;
@@ -37,6 +36,7 @@ const H2_MAX_RESETS: usize = 100;
 pub(crate) struct ConnLimit {
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    handshakes: Arc<HandshakeLog>,
 }
 
 impl ConnLimit {
@@ -45,6 +45,7 @@ impl ConnLimit {
         ConnLimit {
             permits: Arc::new(Semaphore::new(max)),
             metrics,
+            handshakes: Arc::new(HandshakeLog::new()),
         }
     }
 
@@ -107,6 +108,7 @@ pub(super) async fn serve(
         let watcher = graceful.watcher();
         let proxy = proxy.clone();
         let metrics = limit.metrics.clone();
+        let handshakes = limit.handshakes.clone();
         tokio::spawn(async move {
             metrics.connection(true);
             let mut peer = Peer::with_trust(addr, is_tls, &trusted);
@@ -125,7 +127,16 @@ pub(super) async fn serve(
                             serve_conn(tls_stream, peer, proxy, &limits, watcher).await
                         }
                         Ok(Err(e)) => {
-                            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed")
+                            metrics.tls_handshake_failed();
+                            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                            if let Some(n) = handshakes.failed(std::time::Instant::now()) {
+                                tracing::warn!(
+                                    failed = n,
+                                    last_peer = %addr,
+                                    last_error = %e,
+                                    "TLS handshakes failed (one line a minute; see tether_tls_handshake_failures_total)"
+                                );
+                            }
                         }
                         Err(_) => tracing::debug!(peer = %addr, "TLS handshake timed out"),
                     }
@@ -160,7 +171,9 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .initial_stream_window_size(limits.h2_initial_stream_window)
+        .initial_connection_window_size(limits.h2_initial_connection_window)
         .max_send_buf_size(H2_MAX_SEND_BUF)
         .max_pending_accept_reset_streams(H2_MAX_RESETS)
         .max_local_error_reset_streams(H2_MAX_RESETS)

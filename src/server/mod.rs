@@ -27,7 +27,7 @@ use crate::continuity::Continuity;
 use crate::health::Health;
 use crate::live::{Live, SharedLive};
 use crate::metrics::Metrics;
-use crate::proxy::{self, Proxy};
+use crate::proxy::{self, Proxy, Tunnels};
 use crate::upstream::Upstream;
 use accept::ConnLimit;
 
@@ -66,6 +66,8 @@ pub struct Handle {
     live: SharedLive,
     sessions: Sessions,
     tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
+    metrics: Arc<Metrics>,
+    tunnels: Tunnels,
     health: Health,
     cancel: CancellationToken,
     serving: CancellationToken,
@@ -88,6 +90,13 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
         metrics.clone(),
         clock.clone(),
     );
+    // `cancel` stops everything at once; `serving` only the listeners and
+    // the tunnels. A graceful stop ends serving first, lets in-flight
+    // requests finish, captures what they announced, then stops the
+    // background tasks.
+    let cancel = CancellationToken::new();
+    let serving = cancel.child_token();
+    let tunnels = Tunnels::new(serving.clone());
     let proxy = Proxy::new(proxy::Parts {
         live: live.clone(),
         workers: workers.clone(),
@@ -96,16 +105,12 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
         upstream: upstream.clone(),
         metrics: metrics.clone(),
         clock,
+        tunnels: tunnels.clone(),
     });
     let tls = Arc::new(ArcSwapOption::from(match &config.tls {
         Some(t) => Some(tls::server_config(t)?),
         None => None,
     }));
-    // `cancel` stops everything at once; `serving` only the listeners. A
-    // graceful stop ends serving first, lets in-flight requests finish,
-    // captures what they announced, then stops the background tasks.
-    let cancel = CancellationToken::new();
-    let serving = cancel.child_token();
     let limit = ConnLimit::new(config.limits.max_connections, metrics.clone());
     let mut tasks = JoinSet::new();
 
@@ -150,7 +155,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
             live: live.clone(),
             workers,
             continuity,
-            metrics,
+            metrics: metrics.clone(),
             upstream,
         };
         tasks.spawn(admin::serve(l, admin, serving.clone()));
@@ -170,6 +175,8 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
         live,
         sessions,
         tls,
+        metrics,
+        tunnels,
         health,
         cancel,
         serving,
@@ -209,9 +216,14 @@ impl Handle {
         if config.discovery.is_some() != old.config.discovery.is_some() {
             return Err(ServerError::NeedsRestart("[discovery]"));
         }
-        let new_tls = match &config.tls {
-            Some(t) => Some(tls::server_config(t)?),
-            None => None,
+        // A certificate that does not parse or a key that does not match
+        // would fail every new handshake: keep the running one.
+        let new_tls = match config.tls.as_ref().map(tls::server_config).transpose() {
+            Ok(t) => t,
+            Err(e) => {
+                self.metrics.tls_reload_refused();
+                return Err(e.into());
+            }
         };
         self.tls.store(new_tls);
         self.proxy.reload(Arc::new(config));
@@ -234,11 +246,17 @@ impl Handle {
     /// (and flushes the outage buffer) within `state.restore_timeout`, then
     /// stops the background tasks.
     pub async fn stop(mut self) {
+        let grace = self.live.load().config.shutdown.grace;
+        let drained = tokio::time::Instant::now() + grace;
+        // Also tells every WebSocket `1001 going away`.
         self.serving.cancel();
         while let Some(r) = self.tasks.join_next().await {
             if let Err(e) = r {
                 tracing::error!(error = %e, "server task failed");
             }
+        }
+        if !self.tunnels.closed(drained).await {
+            tracing::warn!(grace = ?grace, "shutdown grace period over: dropping open tunnels");
         }
         let within = self.live.load().config.state.restore_timeout;
         let deadline = tokio::time::Instant::now() + within;
