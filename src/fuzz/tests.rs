@@ -64,3 +64,22 @@ fn seeds_reach_the_deep_paths() {
     assert_eq!(pin.backend, "worker-a");
     assert_eq!(codec().open(&seal_example()), Ok(pin));
 }
+
+/// Found by the `scan` target: a first head past the limit was still due
+/// when it arrived in one read but not when it arrived in several (the
+/// bytes after it were counted as an HTTP/2 preface), so whether its
+/// header deadline kept running depended on how the client's bytes were
+/// cut. It stays due either way.
+#[test]
+fn an_oversized_first_head_stays_due_whatever_the_reads() {
+    let mut head = b"GET / HTTP/1.1\r\nX-Long: ".to_vec();
+    head.resize(1100, b'a');
+    let whole = crate::server::scan_chunks(0, &[&head]);
+    let pieces: Vec<&[u8]> = head.chunks(7).collect();
+    assert_eq!(whole, (false, true));
+    assert_eq!(crate::server::scan_chunks(0, &pieces), (false, true));
+    // The fuzzer's own input, replayed through the target.
+    let mut input = vec![0, 6];
+    input.extend_from_slice(&head);
+    scan(&input);
+}
