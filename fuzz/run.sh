@@ -7,7 +7,7 @@
 #
 # Needs nightly and cargo-fuzz (`cargo install cargo-fuzz --locked`). New
 # inputs go to work/<target>/ (not committed); corpus/<target>/ is only read
-# unless MERGE=1, which adds the few inputs that reach new code (libFuzzer
+# unless MERGE=1, which adds the small inputs that reach new code (libFuzzer
 # -merge=1), keeping the committed corpus small. Crashes land in
 # artifacts/<target>/; the script goes on with the next target and exits 1.
 set -euo pipefail
@@ -37,7 +37,12 @@ for t in "${targets[@]}"; do
     continue
   fi
   if [ "${MERGE:-0}" = 1 ]; then
-    cargo +nightly fuzz run "${flags[@]}" "$t" "corpus/$t" "work/$t" -- -merge=1 -timeout=10
+    # Only inputs of at most 512 bytes are candidates: they carry nearly all
+    # the coverage and keep the committed corpus a few hundred KB.
+    small="$(mktemp -d)"
+    find "work/$t" -type f -size -513c -exec cp {} "$small/" \;
+    cargo +nightly fuzz run "${flags[@]}" "$t" "corpus/$t" "$small" -- -merge=1 -timeout=10
+    rm -rf "$small"
   fi
 done
 
