@@ -34,6 +34,10 @@ pub mod proxy;
 pub mod server;
 pub mod worker;
 
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzz;
+
 pub(crate) mod admin;
 pub(crate) mod continuity;
 pub(crate) mod discovery;

@@ -3,6 +3,8 @@ use std::time::Duration;
 use super::*;
 use crate::config::{KeyMaterial, OnWorkerLoss};
 
+mod codec_props;
+
 fn key(b: u8) -> KeyMaterial {
     KeyMaterial::new(vec![b; 32])
 }

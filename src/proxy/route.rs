@@ -340,11 +340,8 @@ impl Proxy {
                 KeySource::Cookie => {
                     let values = cookies::find(h, live.codec.name());
                     for value in values {
-                        match live.codec.open(value) {
-                            Ok(pin) if live.lifetimes.is_alive(&pin, now) => {
-                                return (Ok(Some(pin)), Binding::Cookie);
-                            }
-                            Ok(_) => rejected = Some(RejectReason::Expired),
+                        match live.codec.open_alive(value, &live.lifetimes, now) {
+                            Ok(pin) => return (Ok(Some(pin)), Binding::Cookie),
                             Err(reason) => rejected = Some(reason),
                         }
                     }

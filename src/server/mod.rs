@@ -31,6 +31,20 @@ use crate::proxy::{self, Proxy, Tunnels};
 use crate::upstream::Upstream;
 use accept::ConnLimit;
 
+/// What the head scanner concludes after reading `chunks` (the smuggling
+/// flag, whether a head is still due): the fuzz targets' view of it.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn scan_chunks(limit: usize, chunks: &[&[u8]]) -> (bool, bool) {
+    let mut s = scan::Scanner::new(limit);
+    for c in chunks {
+        s.feed(c);
+    }
+    (
+        s.flag().load(std::sync::atomic::Ordering::Relaxed),
+        s.head_pending(),
+    )
+}
+
 /// Why the server could not start or reload.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

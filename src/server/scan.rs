@@ -91,9 +91,10 @@ impl Scanner {
             self.state = State::Off;
             self.started = true;
         }
-        if !self.started && self.state == State::Off {
-            // Only an HTTP/2 preface turns a fresh connection off: done
-            // once all of it has arrived.
+        if !self.started && self.state == State::Off && self.seen > 0 {
+            // An HTTP/2 preface (counted in `seen`) is done once all of it
+            // has arrived; an oversized first head stays due however it
+            // was split into reads.
             self.seen = self.seen.saturating_add(bytes.len());
             self.started = self.seen >= H2_PREFACE_LEN;
         }
