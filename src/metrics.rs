@@ -80,6 +80,7 @@ pub(crate) struct Metrics {
     store_writes_dropped: Counter,
     connections: Gauge,
     connections_refused: Counter,
+    upgrades: Family<OutcomeLabel, Counter>,
     upstream_connects: Counter,
     upstream_verifications: Counter,
     upstream_reuses: Counter,
@@ -135,6 +136,7 @@ impl Metrics {
             store_writes_dropped: Counter::default(),
             connections: Gauge::default(),
             connections_refused: Counter::default(),
+            upgrades: Family::default(),
             upstream_connects: Counter::default(),
             upstream_verifications: Counter::default(),
             upstream_reuses: Counter::default(),
@@ -166,6 +168,7 @@ impl Metrics {
             "store_writes_dropped", "Session writes dropped: queue full or store down" => store_writes_dropped,
             "connections", "Open client connections" => connections,
             "connections_refused", "Client connections refused at limits.max_connections" => connections_refused,
+            "upgrades", "Binary upgrades (SIGUSR2): ok counted by the new process, failed by the old" => upgrades,
             "upstream_connects", "New connections to workers" => upstream_connects,
             "upstream_verifications", "Connection checks (GET health.path) on new worker connections" => upstream_verifications,
             "upstream_reuses", "Requests sent over a reused worker connection" => upstream_reuses,
@@ -341,6 +344,11 @@ impl Metrics {
     /// A client connection refused at `limits.max_connections`.
     pub(crate) fn connection_refused(&self) {
         self.connections_refused.inc();
+    }
+
+    /// One binary upgrade: `ok` or `failed`.
+    pub(crate) fn upgrade(&self, outcome: &'static str) {
+        self.upgrades.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 }
 
