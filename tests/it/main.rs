@@ -15,3 +15,4 @@ mod health;
 mod interleavings;
 mod recovery;
 mod tls;
+mod upgrade;

@@ -1,0 +1,324 @@
+//! Zero-downtime binary upgrade (`SIGUSR2`): the real binary on fixed free
+//! ports in front of reference-worker processes, under ~500 requests/s from
+//! clients that open a connection per request and from keep-alive clients
+//! with cookies. Every request must succeed through every hand-over and
+//! every cookie client must stay on its worker with its whole history.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tether");
+/// Clients of each kind; each sends one request every `PACE`.
+const CLIENTS: usize = 5;
+const PACE: Duration = Duration::from_millis(20);
+const UPGRADES: usize = 3;
+
+/// Every tether process of a test (the first and the ones upgrades start),
+/// killed at the end, also when the test panics.
+struct Procs {
+    first: Child,
+    pids: Vec<u32>,
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            kill(pid, "KILL");
+        }
+        let _ = self.first.kill();
+        let _ = self.first.wait();
+    }
+}
+
+fn kill(pid: &u32, sig: &str) {
+    let _ = Command::new("sh")
+        .args(["-c", &format!("kill -{sig} {pid}")])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Whether `pid` runs (a zombie nobody reaped has exited).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+struct Setup {
+    http: SocketAddr,
+    admin: SocketAddr,
+    procs: Procs,
+    logs: UnboundedReceiver<Value>,
+}
+
+/// Starts `exe` with JSON logs (every generation writes to the same pipe)
+/// and waits until it is ready.
+async fn start(
+    exe: &std::path::Path,
+    workers: &[&WorkerProc],
+    dir: &std::path::Path,
+    extra: &str,
+) -> Setup {
+    let (http, admin) = (free_port(), free_port());
+    let mut text = format!(
+        "[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n\n[affinity]\nkeys = [\"{}\"]\n\n",
+        key_b64(1)
+    );
+    for w in workers {
+        text.push_str(&w.toml());
+    }
+    text.push_str(extra);
+    let cfg = dir.join("tether.toml");
+    std::fs::write(&cfg, with_store(&text, dir)).unwrap();
+    let mut first = Command::new(exe)
+        .args(["--log-format", "json", "--config"])
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = first.stderr.take().unwrap();
+    let (tx, logs) = unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let procs = Procs {
+        first,
+        pids: Vec::new(),
+    };
+    let setup = Setup {
+        http,
+        admin,
+        procs,
+        logs,
+    };
+    ready(admin).await;
+    setup
+}
+
+async fn ready(admin: SocketAddr) {
+    eventually("tether answers /readyz with 200", || {
+        std::net::TcpStream::connect(admin).is_ok()
+    })
+    .await;
+    let status = plain()
+        .get(format!("http://{admin}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+}
+
+/// The next log line whose message contains `text` (bounded).
+async fn wait_log(logs: &mut UnboundedReceiver<Value>, text: &str) -> Value {
+    let within = Duration::from_secs(30);
+    tokio::time::timeout(within, async {
+        while let Some(v) = logs.recv().await {
+            if v["message"].as_str().is_some_and(|m| m.contains(text)) {
+                return v;
+            }
+        }
+        panic!("log closed before a line containing {text:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no log line containing {text:?} within {within:?}"))
+}
+
+/// `SIGUSR2` to `old`; returns the new pid once `old` has exited.
+async fn upgrade(s: &mut Setup, old: u32) -> u32 {
+    kill(&old, "USR2");
+    let line = wait_log(&mut s.logs, "the new process is ready").await;
+    let new = u32::try_from(line["new_pid"].as_u64().unwrap()).unwrap();
+    s.procs.pids.push(new);
+    for _ in 0..300 {
+        if !alive(old) {
+            ready(s.admin).await;
+            return new;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the old tether {old} did not exit within 15 s");
+}
+
+/// What the clients observed.
+#[derive(Default)]
+struct Stats {
+    sent: AtomicU64,
+    refused: AtomicU64,
+    failed: AtomicU64,
+    moved: AtomicU64,
+    lost: AtomicU64,
+    errors: Mutex<Vec<String>>,
+}
+
+impl Stats {
+    fn error(&self, e: &reqwest::Error) {
+        let mut source: Option<&dyn std::error::Error> = Some(e);
+        while let Some(s) = source {
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                    self.refused.fetch_add(1, Relaxed);
+                    return;
+                }
+            }
+            source = s.source();
+        }
+        self.fail(format!("{e:?}"));
+    }
+
+    fn fail(&self, what: String) {
+        self.failed.fetch_add(1, Relaxed);
+        let mut errors = self.errors.lock().unwrap();
+        if errors.len() < 10 {
+            errors.push(what);
+        }
+    }
+}
+
+/// One request per `PACE` on a new connection each, until `stop`.
+async fn fresh_client(url: String, stats: Arc<Stats>, stop: CancellationToken) {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut pace = tokio::time::interval(PACE);
+    while !stop.is_cancelled() {
+        pace.tick().await;
+        stats.sent.fetch_add(1, Relaxed);
+        match client.get(&url).send().await {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => stats.fail(format!("status {}", r.status())),
+            Err(e) => stats.error(&e),
+        }
+    }
+}
+
+/// A keep-alive user with a cookie: a message every tenth request, reads
+/// in between; the worker and the history must never change behind it.
+async fn cookie_client(base: String, id: usize, stats: Arc<Stats>, stop: CancellationToken) {
+    let client = user();
+    let mut pace = tokio::time::interval(PACE);
+    let (mut worker, mut posts) = (None::<String>, 0usize);
+    for n in 0usize.. {
+        if stop.is_cancelled() {
+            break;
+        }
+        pace.tick().await;
+        stats.sent.fetch_add(1, Relaxed);
+        let req = if n % 10 == 0 {
+            client.post(format!("{base}/chat?thread=main&message=u{id}m{posts}"))
+        } else {
+            client.get(format!("{base}/chat?thread=main"))
+        };
+        let resp = match req.send().await {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) => {
+                stats.fail(format!("status {}", r.status()));
+                continue;
+            }
+            Err(e) => {
+                stats.error(&e);
+                continue;
+            }
+        };
+        if n % 10 == 0 {
+            posts += 1;
+        }
+        let Ok(v) = resp.json::<Value>().await else {
+            stats.fail("unreadable body".into());
+            continue;
+        };
+        let answered = v["worker"].as_str().unwrap_or("").to_owned();
+        if *worker.get_or_insert_with(|| answered.clone()) != answered {
+            stats.moved.fetch_add(1, Relaxed);
+        }
+        if v["history"].as_array().map_or(0, Vec::len) != 2 * posts {
+            stats.lost.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_under_load_refuse_nothing_and_keep_pins() {
+    let (a, b) = (WorkerProc::start("a").await, WorkerProc::start("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = start(
+        BIN.as_ref(),
+        &[&a, &b],
+        dir.path(),
+        "[shutdown]\ngrace = \"10s\"\n",
+    )
+    .await;
+    let base = format!("http://{}", s.http);
+    let (stats, stop) = (Arc::new(Stats::default()), CancellationToken::new());
+    let mut load = tokio::task::JoinSet::new();
+    for id in 0..CLIENTS {
+        let url = format!("{base}/chat?thread=t{id}");
+        load.spawn(fresh_client(url, stats.clone(), stop.clone()));
+        load.spawn(cookie_client(base.clone(), id, stats.clone(), stop.clone()));
+    }
+    let started = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut pid = s.procs.first.id();
+    for _ in 0..UPGRADES {
+        pid = upgrade(&mut s, pid).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    stop.cancel();
+    while load.join_next().await.is_some() {}
+    let secs = started.elapsed().as_secs_f64();
+    let sent = stats.sent.load(Relaxed);
+    let get = |c: &AtomicU64| c.load(Relaxed);
+    eprintln!(
+        "upgrade load: {sent} requests in {secs:.1} s ({:.0}/s) over {UPGRADES} upgrades: \
+         refused {}, failed {}, moved {}, history lost {}; errors: {:?}",
+        sent as f64 / secs,
+        get(&stats.refused),
+        get(&stats.failed),
+        get(&stats.moved),
+        get(&stats.lost),
+        stats.errors.lock().unwrap()
+    );
+    assert!(
+        sent as f64 / secs > 300.0,
+        "the load was too thin to mean anything"
+    );
+    assert_eq!(get(&stats.refused), 0, "connections refused");
+    assert_eq!(get(&stats.failed), 0, "failed requests");
+    assert_eq!(
+        get(&stats.moved),
+        0,
+        "cookie clients moved to another worker"
+    );
+    assert_eq!(
+        get(&stats.lost),
+        0,
+        "cookie clients saw a different history"
+    );
+    assert!(alive(pid));
+}
