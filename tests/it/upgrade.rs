@@ -74,7 +74,23 @@ async fn start(
     dir: &std::path::Path,
     extra: &str,
 ) -> Setup {
-    let (http, admin) = (free_port(), free_port());
+    start_on(exe, workers, dir, extra, None).await
+}
+
+/// [`start`], with `socket` handed over as fd 3 (`LISTEN_FDS=1`) and
+/// configured as `listen.http`, the way systemd socket activation does.
+async fn start_on(
+    exe: &std::path::Path,
+    workers: &[&WorkerProc],
+    dir: &std::path::Path,
+    extra: &str,
+    socket: Option<std::net::TcpListener>,
+) -> Setup {
+    let http = match &socket {
+        Some(l) => l.local_addr().unwrap(),
+        None => free_port(),
+    };
+    let admin = free_port();
     let mut text = format!(
         "[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n\n[affinity]\nkeys = [\"{}\"]\n\n",
         key_b64(1)
@@ -85,13 +101,22 @@ async fn start(
     text.push_str(extra);
     let cfg = dir.join("tether.toml");
     std::fs::write(&cfg, with_store(&text, dir)).unwrap();
-    let mut first = Command::new(exe)
-        .args(["--log-format", "json", "--config"])
+    let mut cmd = Command::new(exe);
+    cmd.args(["--log-format", "json", "--config"])
         .arg(&cfg)
         .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    if let Some(l) = socket {
+        use command_fds::{CommandFdExt, FdMapping};
+        cmd.env("LISTEN_FDS", "1")
+            .fd_mappings(vec![FdMapping {
+                parent_fd: l.into(),
+                child_fd: 3,
+            }])
+            .unwrap();
+    }
+    let mut first = cmd.spawn().unwrap();
+    drop(cmd);
     let stderr = first.stderr.take().unwrap();
     let (tx, logs) = unbounded_channel();
     std::thread::spawn(move || {
@@ -321,4 +346,90 @@ async fn upgrades_under_load_refuse_nothing_and_keep_pins() {
         "cookie clients saw a different history"
     );
     assert!(alive(pid));
+}
+
+/// Puts `exe` in place the way a deploy does: a new file renamed over the
+/// path (the running process keeps its old inode).
+fn deploy(exe: &std::path::Path, from: Result<&str, &str>) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = exe.with_extension("new");
+    match from {
+        Ok(binary) => {
+            if std::fs::hard_link(binary, &tmp).is_err() {
+                std::fs::copy(binary, &tmp).unwrap();
+            }
+        }
+        Err(script) => {
+            std::fs::write(&tmp, script).unwrap();
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+    std::fs::rename(&tmp, exe).unwrap();
+}
+
+/// `tether_upgrades_total{outcome}` as the process on `admin` counts it.
+async fn upgrades(admin: SocketAddr, outcome: &str) -> f64 {
+    let text = plain()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let name = format!("tether_upgrades_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&name))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_failed_upgrade_keeps_the_old_process_serving() {
+    let a = WorkerProc::start("a").await;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let exe = dir.path().join("tether");
+    deploy(&exe, Ok(BIN));
+    let extra = "[shutdown]\nupgrade_timeout = \"1s\"\n";
+    let mut s = start(&exe, &[&a], dir.path(), extra).await;
+    let old = s.procs.first.id();
+    let url = format!("http://{}/chat?thread=main", s.http);
+    let broken = [
+        ("#!/bin/sh\nexit 3\n", "exited before it was ready"),
+        ("#!/bin/sh\nexec sleep 30\n", "was not ready within 1s"),
+    ];
+    for (script, why) in broken {
+        deploy(&exe, Err(script));
+        kill(&old, "USR2");
+        let line = wait_log(&mut s.logs, "upgrade failed").await;
+        let error = line["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "{error}");
+        assert!(alive(old));
+        assert_eq!(plain().get(&url).send().await.unwrap().status(), 200);
+    }
+    assert_eq!(upgrades(s.admin, "failed").await, 2.0);
+
+    deploy(&exe, Ok(BIN));
+    let new = upgrade(&mut s, old).await;
+    assert_ne!(new, old);
+    assert_eq!(plain().get(&url).send().await.unwrap().status(), 200);
+    assert_eq!(upgrades(s.admin, "ok").await, 1.0);
+    assert_eq!(
+        upgrades(s.admin, "failed").await,
+        0.0,
+        "a new process counts afresh"
+    );
+}
+
+#[tokio::test]
+async fn an_inherited_listener_is_used_instead_of_binding() {
+    let a = WorkerProc::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    // Held open by the test too: tether could not bind this address itself.
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let held = socket.try_clone().unwrap();
+    let mut s = start_on(BIN.as_ref(), &[&a], dir.path(), "", Some(socket)).await;
+    wait_log(&mut s.logs, "using the inherited listener").await;
+    let url = format!("http://{}/chat?thread=main", s.http);
+    assert_eq!(plain().get(&url).send().await.unwrap().status(), 200);
+    drop(held);
 }
