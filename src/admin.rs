@@ -69,7 +69,15 @@ pub(crate) async fn serve(listener: TcpListener, proxy: Admin, cancel: Cancellat
                 r = conn.as_mut() => if let Err(e) = r {
                     tracing::debug!(error = %e, "admin connection error");
                 },
-                _ = cancel.cancelled() => {}
+                _ = cancel.cancelled() => {
+                    // A request under way (a probe during an upgrade) gets
+                    // its answer; an idle connection closes.
+                    conn.as_mut().graceful_shutdown();
+                    let within = std::time::Duration::from_secs(5);
+                    if tokio::time::timeout(within, conn.as_mut()).await.is_err() {
+                        tracing::debug!("admin connection cut at shutdown");
+                    }
+                }
             }
         });
     }

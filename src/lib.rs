@@ -21,7 +21,8 @@
 //! [`balancer`], [`backends`] (the workers and their state), `health`
 //! (probes), `upstream` (verified, pooled worker connections), `restore`
 //! (the move), `continuity` (capture, the store link, the outage buffer),
-//! `store` (SQL), `admin`, `metrics`, [`worker`] (the reference worker),
+//! `store` (SQL), `admin`, `metrics`, [`upgrade`] (hand the listeners to a
+//! new binary), [`worker`] (the reference worker),
 //! [`demo`].
 
 pub mod affinity;
@@ -32,6 +33,7 @@ pub mod config;
 pub mod demo;
 pub mod proxy;
 pub mod server;
+pub mod upgrade;
 pub mod worker;
 
 #[cfg(any(test, feature = "fuzzing"))]

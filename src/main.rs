@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rand::RngCore;
 use tether::clock::SystemClock;
 use tether::config::Config;
+use tether::server::Inherited;
+use tether::upgrade::{Pending, Upgrader};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -69,11 +71,16 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // First, while no other thread runs: it clears LISTEN_FDS and friends
+    // from the environment.
+    let inherited = Inherited::from_env();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let result = match &cli.command {
         Some(Cmd::Check) => check(&cli.config),
-        None | Some(Cmd::Run) => run_file(&cli.config),
+        None | Some(Cmd::Run) => inherited
+            .context("cannot use the inherited sockets")
+            .and_then(|inherited| run_file(&cli.config, inherited)),
         Some(Cmd::Demo {
             listen,
             admin,
@@ -140,32 +147,66 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     b.build().context("cannot start the async runtime")
 }
 
-fn run_file(path: &Path) -> anyhow::Result<()> {
+fn run_file(path: &Path, inherited: Inherited) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    // Read now: a deploy may rename a new binary over this path later.
+    let upgrader = match Upgrader::capture() {
+        Ok(u) => Some(u),
+        Err(e) => {
+            tracing::warn!(error = %e, "executable path unknown: SIGUSR2 upgrades disabled");
+            None
+        }
+    };
     let rt = runtime(config.runtime.threads)?;
     rt.block_on(serve(
         config,
         Some(path.to_path_buf()),
         CancellationToken::new(),
+        inherited,
+        upgrader,
     ))
 }
 
-/// Runs until SIGTERM/SIGINT; SIGHUP reloads `path`.
+/// Runs until SIGTERM/SIGINT or a finished upgrade; SIGHUP reloads
+/// `path`; SIGUSR2 hands the listeners to a new process of `upgrader`.
 async fn serve(
     config: Config,
     path: Option<PathBuf>,
     stop: CancellationToken,
+    mut inherited: Inherited,
+    upgrader: Option<Upgrader>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let handle = tether::server::start(config, Arc::new(SystemClock)).await?;
+    let ready = inherited.take_ready();
+    let handle = tether::server::start_with(config, Arc::new(SystemClock), inherited).await?;
+    if let Some(ready) = ready {
+        tether::upgrade::announce_ready(&handle, ready).await;
+    }
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("cannot watch SIGUSR2")?;
+    let mut upgrade = Pending::default();
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = stop.cancelled() => break,
+            _ = usr2.recv() => match &upgrader {
+                Some(u) if upgrade.start(u, &handle) => tracing::info!("upgrade: starting the new binary"),
+                Some(_) => tracing::warn!("upgrade already under way: SIGUSR2 ignored"),
+                None => tracing::error!("upgrade unavailable here: SIGUSR2 ignored"),
+            },
+            r = upgrade.done() => match r {
+                Ok(pid) => {
+                    tracing::info!(new_pid = pid, "upgrade: the new process is ready; this one drains");
+                    break;
+                }
+                Err(e) => {
+                    handle.count_upgrade(false);
+                    tracing::error!(error = %format!("{e:#}"), "upgrade failed: this process keeps serving");
+                }
+            },
             _ = hup.recv() => {
                 let Some(path) = &path else { continue };
                 match Config::load(path).map_err(anyhow::Error::from).and_then(|c| handle.reload(c).map_err(Into::into)) {
@@ -261,7 +302,14 @@ fn demo(
         pids.join(" ")
     );
     let rt = runtime(None)?;
-    let result = rt.block_on(serve(config, None, CancellationToken::new()));
+    // No upgrade: the demo's arguments would start its workers again.
+    let result = rt.block_on(serve(
+        config,
+        None,
+        CancellationToken::new(),
+        Inherited::default(),
+        None,
+    ));
     drop(children);
     result
 }

@@ -82,6 +82,7 @@ pub(crate) struct Metrics {
     connections_refused: Counter,
     tls_reload_refused: Counter,
     tls_handshake_failures: Counter,
+    upgrades: Family<OutcomeLabel, Counter>,
     upstream_connects: Counter,
     upstream_verifications: Counter,
     upstream_reuses: Counter,
@@ -139,6 +140,7 @@ impl Metrics {
             connections_refused: Counter::default(),
             tls_reload_refused: Counter::default(),
             tls_handshake_failures: Counter::default(),
+            upgrades: Family::default(),
             upstream_connects: Counter::default(),
             upstream_verifications: Counter::default(),
             upstream_reuses: Counter::default(),
@@ -172,6 +174,7 @@ impl Metrics {
             "connections_refused", "Client connections refused at limits.max_connections" => connections_refused,
             "tls_reload_refused", "Reloads refused because a certificate or key did not load or match" => tls_reload_refused,
             "tls_handshake_failures", "Client TLS handshakes that failed (malformed SNI, no common version, ...)" => tls_handshake_failures,
+            "upgrades", "Binary upgrades (SIGUSR2): ok counted by the new process, failed by the old" => upgrades,
             "upstream_connects", "New connections to workers" => upstream_connects,
             "upstream_verifications", "Connection checks (GET health.path) on new worker connections" => upstream_verifications,
             "upstream_reuses", "Requests sent over a reused worker connection" => upstream_reuses,
@@ -357,6 +360,11 @@ impl Metrics {
     /// A client TLS handshake that failed.
     pub(crate) fn tls_handshake_failed(&self) {
         self.tls_handshake_failures.inc();
+    }
+
+    /// One binary upgrade: `ok` or `failed`.
+    pub(crate) fn upgrade(&self, outcome: &'static str) {
+        self.upgrades.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 }
 

@@ -412,6 +412,9 @@ pub struct Limits {
 pub struct Shutdown {
     /// How long in-flight requests may run after SIGTERM (default 30 s).
     pub grace: Duration,
+    /// How long a new binary started by `SIGUSR2` may take to report ready
+    /// before the running process gives up on it (default 60 s).
+    pub upgrade_timeout: Duration,
 }
 
 impl Config {

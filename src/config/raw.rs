@@ -422,12 +422,15 @@ impl Default for RawLimits {
 pub struct RawShutdown {
     /// `grace`: how long in-flight requests may run after SIGTERM.
     pub grace: String,
+    /// `upgrade_timeout`: how long a new binary may take to report ready.
+    pub upgrade_timeout: String,
 }
 
 impl Default for RawShutdown {
     fn default() -> Self {
         RawShutdown {
             grace: "30s".into(),
+            upgrade_timeout: "60s".into(),
         }
     }
 }

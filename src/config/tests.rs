@@ -97,6 +97,7 @@ fn minimal_config_gets_the_documented_defaults() {
     assert_eq!(l.max_sessions, 1_000_000);
     assert_eq!(s.max_export_bytes, 64 << 20);
     assert_eq!(c.shutdown.grace, secs(30));
+    assert_eq!(c.shutdown.upgrade_timeout, secs(60));
 }
 
 /// Runs `section | lines | expected error prefix` rows through `with`.
@@ -153,6 +154,7 @@ fn bad_values_name_their_key() {
         "limits    | max_sessions = 0                    | limits.max_sessions:",
         "state     | max_export_bytes = 10               | state.max_export_bytes:",
         "shutdown  | grace = 'forever'                   | shutdown.grace:",
+        "shutdown  | upgrade_timeout = '0s'              | shutdown.upgrade_timeout:",
     ]);
 }
 

@@ -80,6 +80,10 @@ impl TryFrom<RawConfig> for Config {
             limits: limits(&raw.limits)?,
             shutdown: Shutdown {
                 grace: dur("shutdown.grace", &raw.shutdown.grace)?,
+                upgrade_timeout: dur_pos(
+                    "shutdown.upgrade_timeout",
+                    &raw.shutdown.upgrade_timeout,
+                )?,
             },
         })
     }

@@ -1,5 +1,11 @@
 //! The accept loop: connection limit, TLS handshake in the spawned task
 //! under a deadline, back-off on accept errors, graceful shutdown.
+//!
+//! The drain (a stop, or a binary upgrade handing the listener to a new
+//! process) closes keep-alive connections without racing their clients:
+//! each HTTP/1 response gets `Connection: close`, so a client that is
+//! sending learns of the close from its own response; only connections
+//! still idle after [`DRAIN_LINGER`] are closed from our side.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -30,6 +36,11 @@ use crate::proxy::{Peer, Proxy};
 const H2_MAX_SEND_BUF: usize = 64 * 1024;
 /// Most streams a client may reset before its connection is closed.
 const H2_MAX_RESETS: usize = 100;
+/// How long a drain waits for idle keep-alive connections to come back for
+/// a `Connection: close` response before closing them (a request sent on an
+/// idle connection at the instant it closes fails: the client cannot know
+/// whether it was processed).
+const DRAIN_LINGER: Duration = Duration::from_secs(1);
 
 /// `limits.max_connections`, shared by the client listeners.
 #[derive(Debug, Clone)]
@@ -105,7 +116,10 @@ pub(super) async fn serve(
         drop(live);
         let tls_cfg = tls.as_ref().and_then(|t| t.load_full());
         let is_tls = tls.is_some();
-        let watcher = graceful.watcher();
+        let watcher = Drain {
+            watcher: graceful.watcher(),
+            draining: cancel.clone(),
+        };
         let proxy = proxy.clone();
         let metrics = limit.metrics.clone();
         let handshakes = limit.handshakes.clone();
@@ -149,7 +163,12 @@ pub(super) async fn serve(
     }
     drop(listener);
     let grace = settings.load().config.shutdown.grace;
-    if tokio::time::timeout(grace, graceful.shutdown())
+    let deadline = tokio::time::Instant::now() + grace;
+    let linger_until = tokio::time::Instant::now() + DRAIN_LINGER.min(grace);
+    while graceful.count() > 0 && tokio::time::Instant::now() < linger_until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
         .await
         .is_err()
     {
@@ -183,13 +202,21 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
-async fn serve_conn<IO>(io: IO, peer: Peer, proxy: Proxy, limits: &Limits, watcher: Watcher)
+/// A connection's view of the drain.
+struct Drain {
+    watcher: Watcher,
+    /// Cancelled when the listener stops accepting.
+    draining: CancellationToken,
+}
+
+async fn serve_conn<IO>(io: IO, peer: Peer, proxy: Proxy, limits: &Limits, drain: Drain)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let scanner = Scanner::new(limits.max_header_bytes);
     let smuggled = scanner.flag();
     let switched = scanner.switch();
+    let draining = drain.draining;
     let peer = Arc::new(peer);
     let conn_peer = peer.clone();
     let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
@@ -201,13 +228,21 @@ where
         }
         let switched = switched.clone();
         let connect = req.method() == http::Method::CONNECT;
+        let h1 = req.version() < http::Version::HTTP_2;
+        let draining = draining.clone();
         async move {
-            let resp = proxy.handle(req, &peer).await;
+            let mut resp = proxy.handle(req, &peer).await;
             // What follows a 101 (or a CONNECT's 2xx) is not HTTP/1:
             // stop scanning it for heads.
             let status = resp.status();
             if status == http::StatusCode::SWITCHING_PROTOCOLS || (connect && status.is_success()) {
                 switched.store(true, Ordering::Relaxed);
+            } else if h1 && draining.is_cancelled() {
+                // hyper closes the connection after this response.
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
             }
             Ok::<_, Infallible>(resp)
         }
@@ -221,7 +256,7 @@ where
         )),
         svc,
     );
-    if let Err(e) = watcher.watch(conn).await {
+    if let Err(e) = drain.watcher.watch(conn).await {
         tracing::debug!(peer = %peer.addr, error = %e, "connection ended with error");
     }
 }

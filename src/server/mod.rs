@@ -2,14 +2,18 @@
 //!
 //! Plain and TLS connections run the same HTTP service: TLS only wraps the
 //! transport. [`start`] binds everything and returns a [`Handle`] that tests
-//! and `main` use to learn the bound addresses, reload and stop.
+//! and `main` use to learn the bound addresses, reload and stop;
+//! [`start_with`] first takes listeners handed over by a parent process
+//! ([`Inherited`]: socket activation, binary upgrade).
 
 mod accept;
+mod inherit;
 mod scan;
 mod stall;
 pub mod tls;
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -30,6 +34,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy, Tunnels};
 use crate::upstream::Upstream;
 use accept::ConnLimit;
+pub use inherit::{InheritError, Inherited, ReadySignal, READY_ENV, READY_MESSAGE};
 
 /// What the head scanner concludes after reading `chunks` (the smuggling
 /// flag, whether a head is still due): the fuzz targets' view of it.
@@ -51,6 +56,17 @@ pub enum ServerError {
     /// A listener could not bind.
     #[error("cannot listen on {key} = {addr}: {source}")]
     Bind {
+        /// The config key.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An inherited listener could not be used.
+    #[error("cannot use the inherited listener for {key} = {addr}: {source}")]
+    Inherited {
         /// The config key.
         key: &'static str,
         /// The address.
@@ -86,11 +102,24 @@ pub struct Handle {
     cancel: CancellationToken,
     serving: CancellationToken,
     continuity: Continuity,
+    workers: WorkerSet,
+    /// The listening sockets (http, https, admin), kept to hand them over.
+    sockets: Vec<OwnedFd>,
     tasks: JoinSet<()>,
 }
 
 /// Binds the listeners of `config` and starts serving.
 pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerError> {
+    start_with(config, clock, Inherited::default()).await
+}
+
+/// Like [`start`], but a configured address for which `inherited` holds a
+/// listener uses that listener instead of binding; the others are bound.
+pub async fn start_with(
+    config: Config,
+    clock: SharedClock,
+    mut inherited: Inherited,
+) -> Result<Handle, ServerError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let live = Live::shared(config.clone());
@@ -128,9 +157,19 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
     let limit = ConnLimit::new(config.limits.max_connections, metrics.clone());
     let mut tasks = JoinSet::new();
 
-    let http = bind("listen.http", config.listen.http).await?;
-    let https = bind("listen.https", config.listen.https).await?;
-    let admin_listener = bind("listen.admin", Some(config.listen.admin)).await?;
+    let http = bind("listen.http", config.listen.http, &mut inherited).await?;
+    let https = bind("listen.https", config.listen.https, &mut inherited).await?;
+    let admin_listener = bind("listen.admin", Some(config.listen.admin), &mut inherited).await?;
+    for addr in inherited.unclaimed() {
+        tracing::warn!(addr = %addr, "inherited listener matches no [listen] address: closing it");
+    }
+    drop(inherited);
+    let mut sockets = Vec::new();
+    for l in [&http, &https, &admin_listener].into_iter().flatten() {
+        if let Ok(fd) = l.as_fd().try_clone_to_owned() {
+            sockets.push(fd);
+        }
+    }
     let local = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     let (http_addr, https_addr) = (local(&http), local(&https));
     let admin_addr = local(&admin_listener).unwrap_or(config.listen.admin);
@@ -167,7 +206,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
     if let Some(l) = admin_listener {
         let admin = Admin {
             live: live.clone(),
-            workers,
+            workers: workers.clone(),
             continuity,
             metrics: metrics.clone(),
             upstream,
@@ -179,6 +218,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
         https = https_addr.map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_addr,
         backends = config.backends.len(),
+        pid = std::process::id(),
         "tether listening"
     );
     Ok(Handle {
@@ -195,6 +235,8 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
         cancel,
         serving,
         continuity: continuity_handle,
+        workers,
+        sockets,
         tasks,
     })
 }
@@ -202,8 +244,15 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Handle, ServerE
 async fn bind(
     key: &'static str,
     addr: Option<SocketAddr>,
+    inherited: &mut Inherited,
 ) -> Result<Option<TcpListener>, ServerError> {
     let Some(addr) = addr else { return Ok(None) };
+    if let Some(l) = inherited.take(addr) {
+        let err = |source| ServerError::Inherited { key, addr, source };
+        l.set_nonblocking(true).map_err(err)?;
+        tracing::info!(key, addr = %addr, "using the inherited listener");
+        return TcpListener::from_std(l).map(Some).map_err(err);
+    }
     TcpListener::bind(addr)
         .await
         .map(Some)
@@ -245,6 +294,27 @@ impl Handle {
         Ok(())
     }
 
+    /// Copies of the listening sockets (http, https, admin, those
+    /// configured), for a new process to serve on the same sockets.
+    pub fn listening_sockets(&self) -> std::io::Result<Vec<OwnedFd>> {
+        self.sockets.iter().map(|s| s.try_clone()).collect()
+    }
+
+    /// `shutdown.upgrade_timeout` as configured now.
+    pub fn upgrade_timeout(&self) -> std::time::Duration {
+        self.live.load().config.shutdown.upgrade_timeout
+    }
+
+    /// Whether `/readyz` would answer 200 (at least one worker is up).
+    pub fn is_ready(&self) -> bool {
+        self.workers.load().usable_count() > 0
+    }
+
+    /// Counts a binary upgrade in `tether_upgrades_total{outcome}`.
+    pub fn count_upgrade(&self, ok: bool) {
+        self.metrics.upgrade(if ok { "ok" } else { "failed" });
+    }
+
     /// Live sessions (tests sweep them on a manual clock).
     pub fn sessions(&self) -> &Sessions {
         &self.sessions
@@ -262,6 +332,10 @@ impl Handle {
     pub async fn stop(mut self) {
         let grace = self.live.load().config.shutdown.grace;
         let drained = tokio::time::Instant::now() + grace;
+        // Our copies of the listening sockets go first: without a process
+        // that accepts (a new binary holds its own copies), the kernel
+        // refuses new connections at once instead of queueing them.
+        self.sockets.clear();
         // Also tells every WebSocket `1001 going away`.
         self.serving.cancel();
         while let Some(r) = self.tasks.join_next().await {

@@ -18,4 +18,5 @@ mod health;
 mod interleavings;
 mod recovery;
 mod tls;
+mod upgrade;
 mod websocket;

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod binproc;
 pub mod front;
 pub mod proc;
 pub mod refworker;
