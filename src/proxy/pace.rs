@@ -83,7 +83,10 @@ fn deadline(started: Instant, now: Instant, bytes: u64, idle: Duration, rate: u6
     }
     let granted = Duration::from_secs(bytes / rate)
         + Duration::from_nanos((bytes % rate).saturating_mul(1_000_000_000) / rate);
-    silent.min(started + idle + granted)
+    match started.checked_add(idle.saturating_add(granted)) {
+        Some(at) => silent.min(at),
+        None => silent,
+    }
 }
 
 impl<B> Body for PacedBody<B>
