@@ -99,7 +99,12 @@ async fn malformed_chunked_framing_is_400_and_never_blamed_on_the_worker() {
     )
     .await;
     assert_eq!(status(&ok), 200, "{ok}");
-    let bodies: Vec<_> = a.seen().into_iter().chain(b.seen()).map(|s| s.body).collect();
+    let bodies: Vec<_> = a
+        .seen()
+        .into_iter()
+        .chain(b.seen())
+        .map(|s| s.body)
+        .collect();
     assert!(bodies.iter().any(|b| b.as_ref() == b"hello"), "{bodies:?}");
     assert_eq!(state_of(&t, "a").await, "up");
     assert_eq!(state_of(&t, "b").await, "up");
