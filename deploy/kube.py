@@ -41,13 +41,31 @@ def load_all():
     return objs, files
 
 
+UNITS = {
+    **dict.fromkeys(["nsec", "ns"], 1e-9),
+    **dict.fromkeys(["usec", "us"], 1e-6),
+    **dict.fromkeys(["msec", "ms"], 1e-3),
+    **dict.fromkeys(["seconds", "second", "sec", "s"], 1),
+    **dict.fromkeys(["minutes", "minute", "min", "m"], 60),
+    **dict.fromkeys(["hours", "hour", "hr", "h"], 3600),
+    **dict.fromkeys(["days", "day", "d"], 86400),
+    **dict.fromkeys(["weeks", "week", "w"], 604800),
+}
+
+
 def seconds(text, key):
-    """A tether duration ("500ms", "30s", "10m", "2h", "7d") in seconds."""
-    m = re.fullmatch(r"(\d+)(ms|s|m|h|d)", text)
-    if not m:
+    """A tether duration in seconds. tether reads them with humantime
+    ("30s", "30 seconds", "1m 30s"); the units here are humantime's up to
+    weeks."""
+    parts = re.findall(r"(\d+)\s*([A-Za-z]+)", text)
+    if not parts or re.sub(r"(\d+)\s*([A-Za-z]+)", "", text).strip():
         raise SystemExit(f"{key}: cannot read duration {text!r}")
-    n, unit = int(m.group(1)), m.group(2)
-    return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    total = 0.0
+    for n, unit in parts:
+        if unit not in UNITS:
+            raise SystemExit(f"{key}: unknown unit {unit!r} in {text!r}")
+        total += int(n) * UNITS[unit]
+    return total
 
 
 def port_of(addr):
