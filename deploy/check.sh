@@ -73,6 +73,9 @@ step "tether check on the ConfigMap's tether.toml" env \
 # Start tether on free loopback ports with a throwaway SQLite store and scrape
 # /metrics: the families it declares must be those deploy/metrics.py reads
 # from src/metrics.rs (so the parse cannot drift from the binary).
+get() { # get URL: its body on stdout; fails on an error status (2 s deadline)
+  python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())' "$1"
+}
 scrape() {
   local ports http admin
   ports="$(python3 -c '
@@ -97,12 +100,12 @@ EOF
   tether_pid=$!
   local up=""
   for _ in $(seq 1 100); do
-    if curl -fsS "http://127.0.0.1:$admin/healthz" >/dev/null 2>&1; then up=1; break; fi
+    if get "http://127.0.0.1:$admin/healthz" >/dev/null 2>&1; then up=1; break; fi
     kill -0 "$tether_pid" 2>/dev/null || break
     sleep 0.1
   done
   if [ -z "$up" ]; then echo "tether did not start:"; cat "$work/tether.log"; return 1; fi
-  curl -fsS "http://127.0.0.1:$admin/metrics" >"$work/metrics.txt"
+  get "http://127.0.0.1:$admin/metrics" >"$work/metrics.txt" || return 1
   kill "$tether_pid"; wait "$tether_pid" || true; tether_pid=""
   python3 deploy/metrics.py scrape "$work/metrics.txt"
 }
