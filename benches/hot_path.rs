@@ -33,6 +33,7 @@ fn set(n: usize) -> BackendSet {
             id: format!("worker-{i}"),
             url: format!("http://127.0.0.1:{}", 9000 + i).parse().unwrap(),
             weight: 1,
+            max_inflight: None,
         })
         .collect();
     BackendSet::build(&cfgs, None)
