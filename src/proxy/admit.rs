@@ -25,7 +25,7 @@ use super::route::{Binding, Route};
 use super::{Proxy, ProxyError, Trace};
 use crate::admission::{Refused, Slot, Subject};
 use crate::affinity::PinOutcome;
-use crate::backends::BackendSet;
+use crate::backends::{Backend, BackendSet};
 use crate::live::Live;
 
 /// How often a request whose worker was lost while it queued is routed
@@ -41,7 +41,16 @@ pub(super) struct Placed {
     pub route: Route,
     /// What the worker holds of the session.
     pub history: History,
-    /// Its slot at the worker (`None`: the worker is unlimited).
+    /// Its slot at the worker.
+    pub slot: Held,
+}
+
+/// Where a request was admitted, and its slot there (`None`: that worker
+/// is unlimited).
+#[derive(Debug)]
+pub(super) struct Held {
+    at: Arc<Backend>,
+    /// The slot, until the response body or the tunnel takes it.
     pub slot: Option<Slot>,
 }
 
@@ -66,12 +75,16 @@ impl Proxy {
             let history = self.ensure_continuity(&mut route, live, &workers).await?;
             match self.0.admission.admit(&route.backend, &live.config).await {
                 Ok(slot) => {
+                    let slot = Held {
+                        at: route.backend.clone(),
+                        slot,
+                    };
                     return Ok(Placed {
                         workers,
                         route,
                         history,
                         slot,
-                    })
+                    });
                 }
                 Err(Refused::Lost) if reroutes < MAX_REROUTES => reroutes += 1,
                 Err(Refused::Lost) => {
@@ -116,18 +129,16 @@ impl Proxy {
     /// slot there (and gives back the one it held).
     pub(super) async fn reslot(
         &self,
-        slot: &mut Option<Slot>,
+        held: &mut Held,
         route: &Route,
         live: &Live,
     ) -> Result<(), ProxyError> {
-        let Some(held) = slot else {
-            return Ok(());
-        };
-        if Arc::ptr_eq(held.backend(), &route.backend) {
+        if Arc::ptr_eq(&held.at, &route.backend) {
             return Ok(());
         }
-        *slot = None;
-        *slot = self
+        held.slot = None;
+        held.at = route.backend.clone();
+        held.slot = self
             .0
             .admission
             .admit(&route.backend, &live.config)

@@ -151,9 +151,9 @@ impl Proxy {
                         );
                     }
                     let (resp, stranger) = self
-                        .respond(sent, &route, live, peer, client_upgrade, &mut slot)
+                        .respond(sent, &route, live, peer, client_upgrade, &mut slot.slot)
                         .await?;
-                    let mut resp = admit::hold(resp, slot.take(), live);
+                    let mut resp = admit::hold(resp, slot.slot.take(), live);
                     drop(in_flight);
                     if stranger {
                         history = History::Missing;
