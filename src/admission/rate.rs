@@ -1,14 +1,16 @@
 //! Rate-limit rules: one `governor` GCRA limiter per rule, over a keyed
 //! state store of our own whose size is bounded (`rate_limit.max_keys`):
-//! past the cap, keys whose bucket has refilled go first, then the idlest.
+//! past the cap, keys whose bucket has refilled go first, then the least
+//! recently used.
 //!
 //! Keys are 64-bit hashes (seeded per process) of the IP, session id or
 //! header value, so a tracked key costs the same whatever the client sent:
-//! about 40 bytes, so 100000 keys take about 4 MiB per rule.
+//! 24 bytes and a control byte in a table kept at most 7/8 full, so the
+//! default 50000 keys take about 1.6 MiB per rule when full.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -47,10 +49,8 @@ impl Limiter {
         let quota = Quota::with_period(interval)
             .unwrap_or_else(|| Quota::per_second(count))
             .allow_burst(burst);
-        // A bucket untouched this long is full again: as good as new.
-        let refill = interval.saturating_mul(burst.get());
         let clock = MonotonicClock;
-        let store = Store::new(max_keys, refill);
+        let store = Store::new(max_keys);
         Limiter {
             limiter: RateLimiter::new(quota, store.clone(), clock.clone()),
             store,
@@ -82,32 +82,33 @@ struct Inner {
     shards: Vec<Mutex<HashMap<u64, Entry>>>,
     /// Keys per shard before eviction.
     cap: usize,
-    /// Time for an untouched bucket to refill.
-    refill: Duration,
+    /// Made just before the limiter (whose own start is private): a
+    /// bucket's time read against it is at most that gap (microseconds)
+    /// ahead of the limiter's.
     start: Instant,
     len: AtomicUsize,
-    ticks: AtomicU64,
+    ticks: AtomicU32,
 }
 
+/// One key's bucket: 24 bytes in the table with its key.
 #[derive(Clone, Copy)]
 struct Entry {
-    /// GCRA's theoretical arrival time.
+    /// GCRA's theoretical arrival time (ns since the limiter's start): at
+    /// or before now, the bucket is full, as good as new.
     tat: Nanos,
-    /// Last use, ms since `start` (a bucket idle past `refill` is full).
-    seen: u64,
-    /// Last use, as a store-wide count of uses (orders the idlest).
-    tick: u64,
+    /// Last use, as a count of uses of the store (wrapping; ages are
+    /// compared as distances from the current count).
+    tick: u32,
 }
 
 impl Store {
-    fn new(max_keys: usize, refill: Duration) -> Store {
+    fn new(max_keys: usize) -> Store {
         Store(Arc::new(Inner {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             cap: max_keys.div_ceil(SHARDS).max(1),
-            refill,
             start: Instant::now(),
             len: AtomicUsize::new(0),
-            ticks: AtomicU64::new(0),
+            ticks: AtomicU32::new(0),
         }))
     }
 
@@ -117,24 +118,27 @@ impl Store {
         self.0.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.0.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    fn now(&self) -> Nanos {
+        let ns = u64::try_from(self.0.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        Nanos::new(ns)
     }
 }
 
-/// Makes room in a full shard: buckets that refilled go, then the idlest
-/// eighth (so the scan runs once per `cap / 8` new keys, not per key).
-fn evict(map: &mut HashMap<u64, Entry>, now_ms: u64, refill: Duration, cap: usize) {
-    let refill_ms = u64::try_from(refill.as_millis()).unwrap_or(u64::MAX);
-    map.retain(|_, e| now_ms.saturating_sub(e.seen) < refill_ms);
+/// Makes room in a full shard: full buckets go (forgetting them changes
+/// nothing), then the least recently used eighth (so the scan runs once
+/// per `cap / 8` new keys, not per key).
+fn evict(map: &mut HashMap<u64, Entry>, now: Nanos, tick: u32, cap: usize) {
+    map.retain(|_, e| e.tat > now);
     if map.len() < cap {
         return;
     }
-    let mut ticks: Vec<u64> = map.values().map(|e| e.tick).collect();
-    let drop = (cap / 8).max(1).min(ticks.len());
-    let (_, cutoff, _) = ticks.select_nth_unstable(drop - 1);
+    let age = |e: &Entry| tick.wrapping_sub(e.tick);
+    let mut ages: Vec<u32> = map.values().map(age).collect();
+    let drop = (cap / 8).max(1).min(ages.len());
+    // The `drop`-th largest age: that old or older goes.
+    let (_, cutoff, _) = ages.select_nth_unstable_by(drop - 1, |a, b| b.cmp(a));
     let cutoff = *cutoff;
-    map.retain(|_, e| e.tick > cutoff);
+    map.retain(|_, e| age(e) < cutoff);
 }
 
 impl StateStore for Store {
@@ -144,7 +148,6 @@ impl StateStore for Store {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        let now = self.now_ms();
         let tick = self.0.ticks.fetch_add(1, Ordering::Relaxed);
         let mut map = self.shard(*key);
         let before = map.len();
@@ -152,21 +155,15 @@ impl StateStore for Store {
         let result = match f(current) {
             Ok((t, tat)) => {
                 if current.is_none() && map.len() >= self.0.cap {
-                    evict(&mut map, now, self.0.refill, self.0.cap);
+                    evict(&mut map, self.now(), tick, self.0.cap);
                 }
-                map.insert(
-                    *key,
-                    Entry {
-                        tat,
-                        seen: now,
-                        tick,
-                    },
-                );
+                map.insert(*key, Entry { tat, tick });
                 Ok(t)
             }
             Err(e) => {
+                // Refused keys count as used: a client that keeps asking
+                // stays tracked (and limited).
                 if let Some(entry) = map.get_mut(key) {
-                    entry.seen = now;
                     entry.tick = tick;
                 }
                 Err(e)

@@ -145,3 +145,26 @@ fn the_key_table_stays_under_its_cap_and_drops_the_idlest() {
     }
     assert!(!rate::tracked(&l, 16), "the idlest key is gone");
 }
+
+#[tokio::test]
+async fn full_buckets_are_forgotten_first() {
+    // 1000/s, burst 1: a bucket is full again 1 ms after its last use.
+    let fast = RateLimit {
+        count: 1000,
+        per: Duration::from_secs(1),
+        ..rule(1, 1)
+    };
+    let l = Limiter::new(&fast, 160); // 10 keys per shard
+    for key in 0..10u64 {
+        l.check(key * 16).unwrap();
+    }
+    assert_eq!(l.keys(), 10);
+    // Real time: governor's clock is not tokio's.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    l.check(10 * 16).unwrap();
+    assert_eq!(
+        l.keys(),
+        1,
+        "the ten refilled buckets went, not just the oldest"
+    );
+}

@@ -472,7 +472,8 @@ pub struct RateLimit {
 /// `[rate_limit]`
 #[derive(Debug, Clone)]
 pub struct RateLimitSettings {
-    /// Keys tracked per rule (default 100000); past it the idlest go.
+    /// Keys tracked per rule (default 50000); past it, full buckets go,
+    /// then the least recently used.
     pub max_keys: usize,
 }
 

@@ -491,12 +491,13 @@ pub struct RawRateLimit {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawRateLimitSettings {
-    /// `max_keys`: keys tracked per rule; the idlest go first.
+    /// `max_keys`: keys tracked per rule; full buckets, then the least
+    /// recently used, go first.
     pub max_keys: i64,
 }
 
 impl Default for RawRateLimitSettings {
     fn default() -> Self {
-        RawRateLimitSettings { max_keys: 100_000 }
+        RawRateLimitSettings { max_keys: 50_000 }
     }
 }

@@ -427,7 +427,7 @@ fn admission_keys_get_their_defaults_and_bad_values_name_the_key() {
     assert_eq!(c.queue.max_waiting, 1000);
     assert!(c.queue.stream_slots);
     assert!(c.rate_limits.is_empty());
-    assert_eq!(c.rate_limit.max_keys, 100_000);
+    assert_eq!(c.rate_limit.max_keys, 50_000);
 
     let c = parse(&with("", "max_inflight = 4")).unwrap();
     assert_eq!(c.backends[0].max_inflight, Some(4));
