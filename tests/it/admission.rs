@@ -360,3 +360,40 @@ async fn a_queued_request_whose_worker_is_lost_follows_the_move() {
     let _ = holder.await;
     t.stop().await;
 }
+
+#[tokio::test]
+async fn a_reload_that_raises_max_inflight_admits_the_queued_requests_at_once() {
+    let a = Worker::start("a").await;
+    let t = Tether::start(&text_with(&[limited(&a, 1)], "")).await;
+    let holder = {
+        let url = t.url("/turn?ms=3000");
+        tokio::spawn(async move { plain().get(url).header("x-n", "holder").send().await })
+    };
+    wait_slots(&t, "a", (1, 0)).await;
+    let queued = {
+        let url = t.url("/turn");
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = plain()
+                .get(url)
+                .header("x-n", "queued")
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), started.elapsed())
+        })
+    };
+    wait_slots(&t, "a", (1, 1)).await;
+    t.handle()
+        .reload(config(&text_with(&[limited(&a, 2)], "")))
+        .unwrap();
+    let (status, waited) = queued.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        waited < Duration::from_millis(2500),
+        "waited out the holder: {waited:?}"
+    );
+    assert_eq!(a.max_active(), 2);
+    assert_eq!(holder.await.unwrap().unwrap().status(), 200);
+    t.stop().await;
+}
