@@ -397,3 +397,39 @@ async fn a_reload_that_raises_max_inflight_admits_the_queued_requests_at_once() 
     assert_eq!(holder.await.unwrap().unwrap().status(), 200);
     t.stop().await;
 }
+
+#[tokio::test]
+async fn a_retry_that_moves_to_another_worker_waits_for_a_slot_there() {
+    let (a, b) = (Worker::start("a").await, Worker::start("b").await);
+    let t = Tether::start(&text_with(&[limited(&a, 1), limited(&b, 1)], "")).await;
+    // One user on each worker.
+    let mut on = std::collections::HashMap::new();
+    for _ in 0..40 {
+        let u = user();
+        let r = u.get(t.url("/hello")).send().await.unwrap();
+        on.entry(worker_of(&r)).or_insert(u);
+        if on.len() == 2 {
+            break;
+        }
+    }
+    let (on_a, on_b) = (on.remove("a").unwrap(), on.remove("b").unwrap());
+    let holder = {
+        let url = t.url("/turn?ms=1500");
+        tokio::spawn(async move { on_b.get(url).header("x-n", "holder").send().await })
+    };
+    wait_slots(&t, "b", (1, 0)).await;
+    // a drops its connections after reading the request: the GET is sent
+    // again to b, where it must wait for the holder's slot.
+    let retried = on_a
+        .get(t.url("/turn?die=a"))
+        .header("x-n", "retried")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), 200);
+    assert_eq!(worker_of(&retried), "b");
+    assert_eq!(b.max_active(), 1, "the retry waited for b's slot");
+    assert_eq!(order(&b, "/turn"), vec!["holder", "retried"]);
+    assert_eq!(holder.await.unwrap().unwrap().status(), 200);
+    t.stop().await;
+}
