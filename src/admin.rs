@@ -182,6 +182,8 @@ fn backends(proxy: &Admin) -> AdminResponse {
                 "state": b.state().as_str(),
                 "instance": b.instance(),
                 "sessions": b.sessions(),
+                "in_flight": b.slots.in_flight(),
+                "queued": b.slots.queued(),
             })
         })
         .collect();

@@ -18,11 +18,25 @@ pub fn choose_new(
     rr: &AtomicUsize,
     exclude: Option<&str>,
 ) -> Option<Arc<Backend>> {
-    let candidates: Vec<&Arc<Backend>> = set
+    let mut candidates: Vec<&Arc<Backend>> = set
         .all()
         .iter()
         .filter(|b| b.accepts_new() && Some(b.id.as_str()) != exclude)
         .collect();
+    // Workers at `max_inflight` take no new session while another has
+    // room; when all are full, the least loaded one queues it.
+    if candidates.iter().any(|b| !b.slots.has_room()) {
+        let roomy: Vec<&Arc<Backend>> = candidates
+            .iter()
+            .copied()
+            .filter(|b| b.slots.has_room())
+            .collect();
+        candidates = if roomy.is_empty() {
+            least_loaded(&candidates).into_iter().collect()
+        } else {
+            roomy
+        };
+    }
     match policy {
         Policy::LeastSessions => least_sessions(&candidates, &mut rand::thread_rng()),
         Policy::Rendezvous => rendezvous(&candidates, key),
@@ -65,6 +79,18 @@ pub fn least_sessions<'a>(c: &[&'a Arc<Backend>], rng: &mut impl Rng) -> Option<
             Some(if lb < la { b } else { a })
         }
     }
+}
+
+/// The worker with the fewest requests in flight and queued per slot.
+pub fn least_loaded<'a>(c: &[&'a Arc<Backend>]) -> Option<&'a Arc<Backend>> {
+    c.iter()
+        .min_by(|a, b| {
+            let (la, ca) = a.slots.load();
+            let (lb, cb) = b.slots.load();
+            // la/ca < lb/cb, cross-multiplied.
+            (la as u128 * cb as u128).cmp(&(lb as u128 * ca as u128))
+        })
+        .copied()
 }
 
 /// Weighted highest-random-weight: each worker scores

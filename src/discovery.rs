@@ -22,6 +22,7 @@ pub(crate) fn backends_for(addrs: &BTreeSet<SocketAddr>) -> Vec<BackendConfig> {
                 id: a.to_string(),
                 url,
                 weight: 1,
+                max_inflight: None,
             })
         })
         .collect()

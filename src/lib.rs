@@ -7,6 +7,7 @@
 //!    ──▶ proxy::screen   reserved prefix, smuggling checks, body limit
 //!    ──▶ proxy::route    affinity cookie / request key ──▶ decision table
 //!                        keep │ new (balancer) │ move
+//!    ──▶ admission       rate limits; a slot at the worker (FIFO queue)
 //!    ──▶ restore         the move: pending captures, fenced re-pin (CAS),
 //!                        restore every stored thread, announce
 //!    ──▶ proxy::forward  upstream connection verified to reach the pinned
@@ -18,6 +19,7 @@
 //! One module per concern: [`config`] (TOML → validated `Config`),
 //! [`server`] (listeners, TLS, accept loop, shutdown), [`proxy`] (the
 //! request phases), [`affinity`] (cookie codec, pins, live sessions),
+//! [`admission`] (rate limits, per-worker slots and queue),
 //! [`balancer`], [`backends`] (the workers and their state), `health`
 //! (probes), `upstream` (verified, pooled worker connections), `restore`
 //! (the move), `continuity` (capture, the store link, the outage buffer),
@@ -25,6 +27,7 @@
 //! new binary), [`worker`] (the reference worker),
 //! [`demo`].
 
+pub mod admission;
 pub mod affinity;
 pub mod backends;
 pub mod balancer;

@@ -35,6 +35,22 @@ struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabels {
+    backend: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabel {
+    rule: String,
+}
+
+/// Queue waits: 1 ms to about 65 s.
+fn queue_wait_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProbeLabels {
     backend: String,
     result: &'static str,
@@ -86,6 +102,12 @@ pub(crate) struct Metrics {
     upstream_connects: Counter,
     upstream_verifications: Counter,
     upstream_reuses: Counter,
+    backend_in_flight: Family<BackendLabel, Gauge>,
+    backend_queued: Family<BackendLabel, Gauge>,
+    queue_wait: Family<BackendLabel, Histogram, fn() -> Histogram>,
+    admission_rejected: Family<RejectLabels, Counter>,
+    rate_limited: Family<RuleLabel, Counter>,
+    rate_limit_keys: Family<RuleLabel, Gauge>,
     /// The upstream counts last rendered (counters advance by the delta).
     upstream_seen: std::sync::Mutex<Stats>,
 }
@@ -144,6 +166,12 @@ impl Metrics {
             upstream_connects: Counter::default(),
             upstream_verifications: Counter::default(),
             upstream_reuses: Counter::default(),
+            backend_in_flight: Family::default(),
+            backend_queued: Family::default(),
+            queue_wait: Family::new_with_constructor(queue_wait_histogram),
+            admission_rejected: Family::default(),
+            rate_limited: Family::default(),
+            rate_limit_keys: Family::default(),
             upstream_seen: std::sync::Mutex::new(Stats::default()),
             registry: Registry::default(),
         };
@@ -178,6 +206,12 @@ impl Metrics {
             "upstream_connects", "New connections to workers" => upstream_connects,
             "upstream_verifications", "Connection checks (GET health.path) on new worker connections" => upstream_verifications,
             "upstream_reuses", "Requests sent over a reused worker connection" => upstream_reuses,
+            "backend_in_flight", "Requests holding a slot at the worker (workers with max_inflight)" => backend_in_flight,
+            "backend_queued", "Requests waiting for a slot at the worker" => backend_queued,
+            "queue_wait_seconds", "Time requests that queued waited for a slot" => queue_wait,
+            "admission_rejected", "Requests refused a slot, by worker and reason (queue_timeout, queue_full)" => admission_rejected,
+            "rate_limited", "Requests refused by a rate-limit rule" => rate_limited,
+            "rate_limit_keys", "Keys tracked by a rate-limit rule" => rate_limit_keys,
         );
         Metrics { registry, ..m }
     }
@@ -203,10 +237,18 @@ impl Metrics {
         self.store_up.set(i64::from(c.store_up));
         self.backend_up.clear();
         self.backend_sessions.clear();
+        self.backend_in_flight.clear();
+        self.backend_queued.clear();
         for b in set.all() {
             let label = BackendLabel {
                 backend: b.id.clone(),
             };
+            self.backend_in_flight
+                .get_or_create(&label)
+                .set(n(b.slots.in_flight()));
+            self.backend_queued
+                .get_or_create(&label)
+                .set(n(b.slots.queued()));
             self.backend_up
                 .get_or_create(&label)
                 .set(i64::from(b.is_usable()));
@@ -360,6 +402,44 @@ impl Metrics {
     /// A client TLS handshake that failed.
     pub(crate) fn tls_handshake_failed(&self) {
         self.tls_handshake_failures.inc();
+    }
+
+    /// A request that queued got its slot after `secs`.
+    pub(crate) fn queue_wait(&self, backend: &str, secs: f64) {
+        self.queue_wait
+            .get_or_create(&BackendLabel {
+                backend: backend.to_owned(),
+            })
+            .observe(secs);
+    }
+
+    /// A request refused a slot (`queue_timeout`, `queue_full`).
+    pub(crate) fn admission_rejected(&self, backend: &str, reason: &'static str) {
+        self.admission_rejected
+            .get_or_create(&RejectLabels {
+                backend: backend.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// The counter of requests a rate-limit rule refused (resolved once
+    /// per rule).
+    pub(crate) fn rate_limited_counter(&self, rule: &str) -> Counter {
+        self.rate_limited
+            .get_or_create(&RuleLabel {
+                rule: rule.to_owned(),
+            })
+            .clone()
+    }
+
+    /// The gauge of keys a rate-limit rule tracks (resolved once per rule).
+    pub(crate) fn rate_limit_keys_gauge(&self, rule: &str) -> Gauge {
+        self.rate_limit_keys
+            .get_or_create(&RuleLabel {
+                rule: rule.to_owned(),
+            })
+            .clone()
     }
 
     /// One binary upgrade: `ok` or `failed`.

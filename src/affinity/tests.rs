@@ -187,6 +187,7 @@ fn the_sweep_keeps_per_worker_counts_live() {
             id: id.into(),
             url: "http://127.0.0.1:9".parse().unwrap(),
             weight: 1,
+            max_inflight: None,
         }))
     };
     let (a, b) = (backend("a"), backend("b"));

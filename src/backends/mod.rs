@@ -57,6 +57,10 @@ pub struct Backend {
     /// Its upstream connections.
     pub(crate) endpoint: Endpoint,
     weight: AtomicU32,
+    /// `max_inflight`, 0 = not set (see `balance.max_inflight`).
+    max_inflight: AtomicU32,
+    /// Requests at the worker and waiting for it (admission control).
+    pub slots: crate::admission::Slots,
     probe_up: AtomicBool,
     /// Woken when the worker stops being usable (probes, a refused
     /// connection, an ejection): requests waiting on it give up at once.
@@ -90,6 +94,8 @@ impl Backend {
             endpoint: Endpoint::new(authority.clone()),
             authority,
             weight: AtomicU32::new(cfg.weight.max(1)),
+            max_inflight: AtomicU32::new(cfg.max_inflight.unwrap_or(0)),
+            slots: crate::admission::Slots::default(),
             probe_up: AtomicBool::new(true),
             lost: Notify::new(),
             draining: AtomicBool::new(false),
@@ -107,6 +113,18 @@ impl Backend {
     /// Balancing weight (≥ 1).
     pub fn weight(&self) -> u32 {
         self.weight.load(Ordering::Relaxed)
+    }
+
+    /// The worker's own `max_inflight`, if set.
+    pub fn max_inflight(&self) -> Option<u32> {
+        match self.max_inflight.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    pub(crate) fn set_max_inflight(&self, n: Option<u32>) {
+        self.max_inflight.store(n.unwrap_or(0), Ordering::Relaxed);
     }
 
     fn now_ms(&self) -> u64 {

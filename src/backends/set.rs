@@ -27,6 +27,7 @@ impl BackendSet {
                 .cloned();
             if let Some(b) = &reused {
                 b.weight.store(cfg.weight.max(1), Ordering::Relaxed);
+                b.set_max_inflight(cfg.max_inflight);
             }
             let backend = reused.unwrap_or_else(|| Arc::new(Backend::new(cfg)));
             by_id.insert(cfg.id.clone(), list.len());

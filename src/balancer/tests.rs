@@ -14,6 +14,7 @@ fn set(ids: &[(&str, u32)]) -> BackendSet {
             id: id.to_string(),
             url: format!("http://127.0.0.1:{}", 9000 + i).parse().unwrap(),
             weight: *w,
+            max_inflight: None,
         })
         .collect();
     BackendSet::build(&cfgs, None)

@@ -98,6 +98,12 @@ pub struct Config {
     pub limits: Limits,
     /// `[shutdown]`
     pub shutdown: Shutdown,
+    /// `[queue]`
+    pub queue: Queue,
+    /// `[[rate_limits]]`, all applied to every request they match.
+    pub rate_limits: Vec<RateLimit>,
+    /// `[rate_limit]`
+    pub rate_limit: RateLimitSettings,
 }
 
 /// `[runtime]`
@@ -246,6 +252,8 @@ pub struct Balance {
     pub policy: Policy,
     /// Key for rendezvous hashing; falls back to the session id.
     pub key: Option<BalanceKey>,
+    /// Default `max_inflight` of every worker; `None` means unlimited.
+    pub max_inflight: Option<u32>,
 }
 
 /// One `[[backends]]` entry.
@@ -257,6 +265,8 @@ pub struct BackendConfig {
     pub url: http::Uri,
     /// Weight (default 1, ≥ 1).
     pub weight: u32,
+    /// Requests at the worker at once; `None` means `balance.max_inflight`.
+    pub max_inflight: Option<u32>,
 }
 
 /// `[discovery]`
@@ -415,6 +425,56 @@ pub struct Shutdown {
     /// How long a new binary started by `SIGUSR2` may take to report ready
     /// before the running process gives up on it (default 60 s).
     pub upgrade_timeout: Duration,
+}
+
+/// `[queue]`: requests for a worker at its `max_inflight` wait here.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    /// Longest wait for a slot (default 30 s); then `503` + `Retry-After`.
+    pub timeout: Duration,
+    /// Requests waiting per worker (default 1000); more get `503` at once.
+    pub max_waiting: usize,
+    /// Whether SSE responses and WebSocket tunnels hold their slot while
+    /// they run (default true).
+    pub stream_slots: bool,
+}
+
+/// What a rate-limit rule counts by (`rate_limits[].key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateKey {
+    /// `"ip"`: the client address (from `X-Forwarded-For` behind a
+    /// trusted proxy).
+    Ip,
+    /// `"session"`: the affinity session of a request that carries one.
+    Session,
+    /// `"header:NAME"`: a request header's value (requests without it are
+    /// not counted by the rule).
+    Header(http::HeaderName),
+}
+
+/// One `[[rate_limits]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Metric label: `name`, or the rule's index.
+    pub name: String,
+    /// What is counted.
+    pub key: RateKey,
+    /// Requests per `per`.
+    pub count: u32,
+    /// The rate's period (1 s, 1 min or 1 h).
+    pub per: Duration,
+    /// Requests allowed at once (default `count`).
+    pub burst: u32,
+    /// Only requests whose path starts with this.
+    pub path_prefix: Option<String>,
+}
+
+/// `[rate_limit]`
+#[derive(Debug, Clone)]
+pub struct RateLimitSettings {
+    /// Keys tracked per rule (default 50000); past it, full buckets go,
+    /// then the least recently used.
+    pub max_keys: usize,
 }
 
 impl Config {

@@ -43,6 +43,12 @@ pub struct RawConfig {
     pub limits: RawLimits,
     /// `[shutdown]`
     pub shutdown: RawShutdown,
+    /// `[queue]`: waiting for a worker at `max_inflight`.
+    pub queue: RawQueue,
+    /// `[[rate_limits]]`
+    pub rate_limits: Vec<RawRateLimit>,
+    /// `[rate_limit]`: settings shared by the rules.
+    pub rate_limit: RawRateLimitSettings,
 }
 
 /// `[runtime]`
@@ -181,6 +187,8 @@ pub struct RawBalance {
     pub policy: String,
     /// `key`: `"header:NAME"` or `"cookie:NAME"`, hashed by rendezvous.
     pub key: Option<String>,
+    /// `max_inflight`: default per-worker concurrency; none means unlimited.
+    pub max_inflight: Option<i64>,
 }
 
 impl Default for RawBalance {
@@ -188,6 +196,7 @@ impl Default for RawBalance {
         RawBalance {
             policy: "least-sessions".into(),
             key: None,
+            max_inflight: None,
         }
     }
 }
@@ -202,6 +211,9 @@ pub struct RawBackend {
     pub url: Option<String>,
     /// `weight`
     pub weight: i64,
+    /// `max_inflight`: requests at the worker at once; none means
+    /// `balance.max_inflight`.
+    pub max_inflight: Option<i64>,
 }
 
 impl Default for RawBackend {
@@ -210,6 +222,7 @@ impl Default for RawBackend {
             id: None,
             url: None,
             weight: 1,
+            max_inflight: None,
         }
     }
 }
@@ -432,5 +445,59 @@ impl Default for RawShutdown {
             grace: "30s".into(),
             upgrade_timeout: "60s".into(),
         }
+    }
+}
+
+/// `[queue]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawQueue {
+    /// `timeout`: longest wait for a slot at a full worker.
+    pub timeout: String,
+    /// `max_waiting`: requests waiting per worker.
+    pub max_waiting: i64,
+    /// `stream_slots`: whether SSE and WebSocket hold their slot while
+    /// they run.
+    pub stream_slots: bool,
+}
+
+impl Default for RawQueue {
+    fn default() -> Self {
+        RawQueue {
+            timeout: "30s".into(),
+            max_waiting: 1000,
+            stream_slots: true,
+        }
+    }
+}
+
+/// One `[[rate_limits]]` rule.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRateLimit {
+    /// `name`: the metric label; default the rule's index.
+    pub name: Option<String>,
+    /// `key`: `"ip"`, `"session"` or `"header:NAME"`, required.
+    pub key: Option<String>,
+    /// `rate`: `"N/s"`, `"N/m"` or `"N/h"`, required.
+    pub rate: Option<String>,
+    /// `burst`: requests allowed at once; default N.
+    pub burst: Option<i64>,
+    /// `path_prefix`: the rule applies only under this path.
+    pub path_prefix: Option<String>,
+}
+
+/// `[rate_limit]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRateLimitSettings {
+    /// `max_keys`: keys tracked per rule; full buckets, then the least
+    /// recently used, go first.
+    pub max_keys: i64,
+}
+
+impl Default for RawRateLimitSettings {
+    fn default() -> Self {
+        RawRateLimitSettings { max_keys: 50_000 }
     }
 }

@@ -417,3 +417,51 @@ fn trusted_proxies_are_networks_named_by_index() {
     let e = err(&with("limits", "max_request_line_bytes = 10"));
     assert!(e.contains("limits.max_request_line_bytes"), "{e}");
 }
+
+#[test]
+fn admission_keys_get_their_defaults_and_bad_values_name_the_key() {
+    let c = parse(&base()).unwrap();
+    assert_eq!(c.balance.max_inflight, None);
+    assert_eq!(c.backends[0].max_inflight, None);
+    assert_eq!(c.queue.timeout, Duration::from_secs(30));
+    assert_eq!(c.queue.max_waiting, 1000);
+    assert!(c.queue.stream_slots);
+    assert!(c.rate_limits.is_empty());
+    assert_eq!(c.rate_limit.max_keys, 50_000);
+
+    let c = parse(&with("", "max_inflight = 4")).unwrap();
+    assert_eq!(c.backends[0].max_inflight, Some(4));
+    let rule =
+        "[[rate_limits]]\nkey = \"header:X-Api-Key\"\nrate = \"600/m\"\npath_prefix = \"/api\"";
+    let c = parse(&format!("{}\n{rule}\n", base())).unwrap();
+    let r = &c.rate_limits[0];
+    assert_eq!(r.name, "0");
+    assert_eq!(
+        r.key,
+        RateKey::Header(http::HeaderName::from_static("x-api-key"))
+    );
+    assert_eq!(
+        (r.count, r.per, r.burst),
+        (600, Duration::from_secs(60), 600)
+    );
+    assert_eq!(r.path_prefix.as_deref(), Some("/api"));
+
+    assert!(err(&with("", "max_inflight = 0"))
+        .starts_with("backends[0].max_inflight: 0 is out of range"));
+    assert!(err(&with("balance", "max_inflight = -1")).starts_with("balance.max_inflight:"));
+    assert!(err(&with("queue", "timeout = \"0s\"")).starts_with("queue.timeout:"));
+    let rules = |body: &str| format!("{}\n[[rate_limits]]\n{body}\n", base());
+    assert!(
+        err(&rules("key = \"ip\"\nrate = \"10/d\"")).starts_with("rate_limits[0].rate: \"10/d\"")
+    );
+    assert!(err(&rules("key = \"ip\"\nrate = \"0/s\""))
+        .starts_with("rate_limits[0].rate: 0 is out of range"));
+    assert!(
+        err(&rules("key = \"user\"\nrate = \"1/s\"")).starts_with("rate_limits[0].key: \"user\"")
+    );
+    assert!(err(&rules("rate = \"1/s\"")).starts_with("rate_limits[0].key: required"));
+    assert!(
+        err(&rules("key = \"ip\"\nrate = \"1/s\"\nburst = 0")).starts_with("rate_limits[0].burst:")
+    );
+    assert!(err(&rules("key = \"ip\"\nrate = \"1/s\"\nttl = 1")).contains("unknown field `ttl`"));
+}

@@ -85,6 +85,16 @@ impl TryFrom<RawConfig> for Config {
                     &raw.shutdown.upgrade_timeout,
                 )?,
             },
+            queue: queue(&raw.queue)?,
+            rate_limits: rate_limits(&raw.rate_limits)?,
+            rate_limit: RateLimitSettings {
+                max_keys: int(
+                    "rate_limit.max_keys",
+                    raw.rate_limit.max_keys,
+                    1,
+                    10_000_000,
+                )?,
+            },
         })
     }
 }
@@ -193,8 +203,15 @@ fn affinity(a: &RawAffinity) -> R<Affinity> {
 
 fn balance(b: &RawBalance) -> R<Balance> {
     let policy = choice("balance.policy", &b.policy, POLICY)?;
+    let max_inflight = opt(b.max_inflight, |n| {
+        int("balance.max_inflight", n, 1, 1_000_000)
+    })?;
     let Some(k) = opt(b.key.as_deref(), |k| interpolate("balance.key", k))? else {
-        return Ok(Balance { policy, key: None });
+        return Ok(Balance {
+            policy,
+            key: None,
+            max_inflight,
+        });
     };
     let key = if let Some(h) = k.strip_prefix("header:") {
         BalanceKey::Header(header_name("balance.key", h)?)
@@ -205,7 +222,11 @@ fn balance(b: &RawBalance) -> R<Balance> {
         return fail("balance.key", msg);
     };
     let key = Some(key);
-    Ok(Balance { policy, key })
+    Ok(Balance {
+        policy,
+        key,
+        max_inflight,
+    })
 }
 
 fn backends(raw: &[RawBackend]) -> R<Vec<BackendConfig>> {
@@ -227,6 +248,7 @@ fn backends(raw: &[RawBackend]) -> R<Vec<BackendConfig>> {
             id,
             url: worker_url(&k("url"), &required(&k("url"), b.url.as_deref())?)?,
             weight: int(&k("weight"), b.weight, 1, 10_000)?,
+            max_inflight: opt(b.max_inflight, |n| int(&k("max_inflight"), n, 1, 1_000_000))?,
         });
     }
     Ok(out)
@@ -279,6 +301,73 @@ fn state(s: &RawState) -> R<State> {
         buffer_bytes: int("state.buffer_bytes", s.buffer_bytes, 0, 1 << 34)?,
         capture: choice("state.capture", &s.capture, CAPTURE)?,
     })
+}
+
+fn queue(q: &RawQueue) -> R<Queue> {
+    Ok(Queue {
+        timeout: dur_pos("queue.timeout", &q.timeout)?,
+        max_waiting: int("queue.max_waiting", q.max_waiting, 0, 1_000_000)?,
+        stream_slots: q.stream_slots,
+    })
+}
+
+fn rate_limits(raw: &[RawRateLimit]) -> R<Vec<RateLimit>> {
+    let mut names = HashSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, r) in raw.iter().enumerate() {
+        let k = |f: &str| format!("rate_limits[{i}].{f}");
+        let name = match &r.name {
+            Some(n) => required(&k("name"), Some(n))?,
+            None => i.to_string(),
+        };
+        if !names.insert(name.clone()) {
+            return fail(k("name"), format!("duplicate rule name {name:?}"));
+        }
+        let key_text = required(&k("key"), r.key.as_deref())?;
+        let key = match (key_text.as_str(), key_text.strip_prefix("header:")) {
+            ("ip", _) => RateKey::Ip,
+            ("session", _) => RateKey::Session,
+            (_, Some(h)) => RateKey::Header(header_name(&k("key"), h)?),
+            _ => {
+                let msg = format!("{key_text:?}: write \"ip\", \"session\" or \"header:NAME\"");
+                return fail(k("key"), msg);
+            }
+        };
+        let rate = required(&k("rate"), r.rate.as_deref())?;
+        let bad_rate = || {
+            fail(
+                k("rate"),
+                format!("{rate:?} is not a rate like \"10/s\", \"100/m\" or \"1000/h\""),
+            )
+        };
+        let Some((n, unit)) = rate.split_once('/') else {
+            return bad_rate();
+        };
+        let per = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return bad_rate(),
+        };
+        let Ok(count) = n.trim().parse::<i64>() else {
+            return bad_rate();
+        };
+        let count: u32 = int(&k("rate"), count, 1, 1_000_000)?;
+        let burst = match r.burst {
+            Some(b) => int(&k("burst"), b, 1, 1_000_000)?,
+            None => count,
+        };
+        let path_prefix = opt(r.path_prefix.as_deref(), |p| abs_path(&k("path_prefix"), p))?;
+        out.push(RateLimit {
+            name,
+            key,
+            count,
+            per,
+            burst,
+            path_prefix,
+        });
+    }
+    Ok(out)
 }
 
 /// The largest HTTP/2 flow-control window (2^31-1).

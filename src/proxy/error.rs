@@ -115,6 +115,19 @@ pub(crate) enum ProxyError {
         #[source]
         source: BoxError,
     },
+    /// A rate-limit rule refused the request (nothing was forwarded).
+    #[error("rate limited")]
+    RateLimited(#[source] crate::admission::RateLimited),
+    /// The worker is at `max_inflight` and the request got no slot: its
+    /// queue was full or `queue.timeout` passed (nothing was forwarded).
+    #[error("no slot at worker {backend}")]
+    Queue {
+        /// The backend id.
+        backend: String,
+        /// Why.
+        #[source]
+        reason: crate::admission::Refused,
+    },
     /// Health marked the worker down while the request waited for it.
     #[error("worker {backend} was marked down while the request waited")]
     WorkerLost {
@@ -153,6 +166,8 @@ impl ProxyError {
             ProxyError::Uncaptured { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::KeyLookup(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Queue { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -165,7 +180,10 @@ impl ProxyError {
             | ProxyError::Timeout { .. }
             | ProxyError::WorkerLost { .. }
             | ProxyError::Uncaptured { .. } => true,
-            ProxyError::Overloaded { .. } | ProxyError::KeyLookup(_) => false,
+            ProxyError::Overloaded { .. }
+            | ProxyError::KeyLookup(_)
+            | ProxyError::RateLimited(_)
+            | ProxyError::Queue { .. } => false,
             ProxyError::ReservedPath
             | ProxyError::Smuggling(_)
             | ProxyError::UriTooLong { .. }
@@ -201,7 +219,9 @@ impl ProxyError {
             | ProxyError::PinnedUnavailable { .. }
             | ProxyError::Overloaded { .. }
             | ProxyError::KeyLookup(_)
+            | ProxyError::Queue { .. }
             | ProxyError::Restore(_) => "service unavailable, retry shortly\n",
+            ProxyError::RateLimited(_) => "too many requests\n",
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::ResponseFraming { .. }
@@ -215,7 +235,10 @@ impl ProxyError {
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if let ProxyError::RateLimited(limited) = self {
+            let secs = crate::admission::retry_after_secs(limited.retry_after);
+            h.insert(RETRY_AFTER, HeaderValue::from(secs));
+        } else if status == StatusCode::SERVICE_UNAVAILABLE {
             h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if matches!(

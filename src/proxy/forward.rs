@@ -27,12 +27,14 @@ use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
+use super::admit::{self, Placed};
 use super::body::{BodyWatch, BoxError, IdleBody, ReplayBody};
 use super::continuity::History;
 use super::headers::{self, Peer};
 use super::pace::PacedBody;
 use super::route::{Binding, Route};
 use super::{tunnel, Proxy, ProxyBody, ProxyError, Trace};
+use crate::admission::Slot;
 use crate::affinity::{cookies, MoveReason};
 use crate::backends::{Backend, BackendSet};
 use crate::balancer;
@@ -77,10 +79,13 @@ impl Proxy {
         }
         let host = Self::screen(&req, peer, live)?;
         self.preload_key_pin(req.headers(), live).await?;
-        let workers = self.0.workers.snapshot();
-        let mut route = self.route(req.headers(), live, &workers, trace)?;
-        trace.session = Some(route.pin.session);
-        let mut history = self.ensure_continuity(&mut route, live, &workers).await?;
+        // Route, rate limits, continuity, and a slot at the worker.
+        let Placed {
+            workers,
+            mut route,
+            mut history,
+            mut slot,
+        } = self.place(&req, peer, live, trace).await?;
         self.remember(&route, live);
         trace.outcome = Some(route.outcome);
 
@@ -126,6 +131,7 @@ impl Proxy {
             let Some(this_body) = next_body.take() else {
                 return Err(ProxyError::NoWorker);
             };
+            self.reslot(&mut slot, &route, live).await?;
             next_body = this_body.try_clone();
             let watch = this_body.watch();
             let req = upstream_request(&parts, &path, &route, &outbound, this_body);
@@ -144,9 +150,10 @@ impl Proxy {
                             sent.response.status(),
                         );
                     }
-                    let (mut resp, stranger) = self
-                        .respond(sent, &route, live, peer, client_upgrade)
+                    let (resp, stranger) = self
+                        .respond(sent, &route, live, peer, client_upgrade, &mut slot.slot)
                         .await?;
+                    let mut resp = admit::hold(resp, slot.slot.take(), live);
                     drop(in_flight);
                     if stranger {
                         history = History::Missing;
@@ -463,6 +470,7 @@ impl Proxy {
         live: &Live,
         peer: &Peer,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        slot: &mut Option<Slot>,
     ) -> Result<(Response<ProxyBody>, bool), ProxyError> {
         let Sent {
             response: mut resp,
@@ -561,6 +569,11 @@ impl Proxy {
                     grace: live.config.shutdown.grace,
                     backend: route.backend.id.clone(),
                     websocket,
+                    slot: if live.config.queue.stream_slots {
+                        slot.take()
+                    } else {
+                        None
+                    },
                 };
                 tunnel::spawn(client_upgrade, upstream_upgrade, &self.0.tunnels, opts);
             }
@@ -627,7 +640,7 @@ fn upstream_request(
 }
 
 /// Whether a response is a Server-Sent Events stream (never held back).
-fn is_event_stream(h: &HeaderMap) -> bool {
+pub(super) fn is_event_stream(h: &HeaderMap) -> bool {
     h.get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {

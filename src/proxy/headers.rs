@@ -262,6 +262,13 @@ impl Peer {
         HeaderValue::from_bytes(&chain).ok().or(Some(own.clone()))
     }
 
+    /// The client's address: from `X-Forwarded-For` behind a trusted
+    /// proxy, else the peer's.
+    pub fn client_ip(&self, h: &HeaderMap) -> IpAddr {
+        self.client(h)
+            .unwrap_or_else(|| self.addr.ip().to_canonical())
+    }
+
     /// The client of a request from a trusted proxy: the right-most
     /// address of its `X-Forwarded-For` that is not in a trusted network.
     fn client(&self, h: &HeaderMap) -> Option<IpAddr> {

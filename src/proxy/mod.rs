@@ -4,8 +4,11 @@
 //!    length, `Host` ([`host`]), reserved prefix, declared body size;
 //! 2. **route**: read the pin (cookie or request key), run the decision
 //!    table, choose a worker for a new or moved session ([`route`]);
+//!    Rate limits ([`crate::admission`]) run right after routing;
 //! 3. **continuity**: follow a newer pin, or move the session (restore its
 //!    threads first) when its worker is lost or restarted ([`crate::restore`]);
+//!    then the request takes a slot at its worker, queueing while the
+//!    worker is at `max_inflight` ([`admit`]);
 //! 4. **forward**: send to the worker over a connection verified to reach
 //!    the pinned process, retrying when that is safe ([`forward`]);
 //! 5. **respond**: strip hop-by-hop headers, drop the worker's copy of the
@@ -14,6 +17,7 @@
 //! [`Proxy::handle`] is the outer handler: it maps a [`ProxyError`] to a
 //! response and writes the one access-log line.
 
+mod admit;
 pub mod body;
 mod continuity;
 pub(crate) mod error;
@@ -30,6 +34,7 @@ use std::time::Instant;
 
 use hyper::body::Incoming;
 
+use crate::admission::Admission;
 use crate::affinity::sessions::Sessions;
 use crate::affinity::{PinOutcome, SessionId};
 use crate::backends::{Backend, WorkerSet};
@@ -60,6 +65,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     clock: SharedClock,
     tunnels: Tunnels,
+    admission: Admission,
     requests: AtomicU64,
 }
 
@@ -87,7 +93,11 @@ pub(crate) struct Parts {
 impl Proxy {
     /// A proxy over `parts`.
     pub(crate) fn new(parts: Parts) -> Proxy {
+        let config = parts.live.load_full().config.clone();
+        let admission = Admission::new(&config, parts.metrics.clone());
+        admission.apply_limits(parts.workers.load().all(), &config);
         Proxy(Arc::new(Inner {
+            admission,
             live: parts.live,
             workers: parts.workers,
             sessions: parts.sessions,
@@ -104,6 +114,10 @@ impl Proxy {
     /// declared workers (discovered ones stay).
     pub(crate) fn reload(&self, config: Arc<Config>) {
         self.0.workers.set_declared(&config.backends);
+        self.0.admission.reload(&config);
+        self.0
+            .admission
+            .apply_limits(self.0.workers.load().all(), &config);
         self.0.live.store(Arc::new(Live::new(config)));
     }
 

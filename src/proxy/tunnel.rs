@@ -102,6 +102,9 @@ pub(super) struct Opts {
     pub backend: String,
     /// Whether the worker agreed to `Upgrade: websocket`.
     pub websocket: bool,
+    /// The request's slot at the worker, held while the tunnel runs
+    /// (`queue.stream_slots`).
+    pub slot: Option<crate::admission::Slot>,
 }
 
 /// Spawns the tunnel between the client's and the worker's upgraded
@@ -111,6 +114,9 @@ pub(super) fn spawn(client: OnUpgrade, upstream: OnUpgrade, tunnels: &Tunnels, o
     let stop = tunnels.stop.clone();
     tokio::spawn(async move {
         let _counted = counted;
+        let mut opts = opts;
+        // Given back when the tunnel ends, however it ends.
+        let _slot = opts.slot.take();
         let (client, upstream) = match tokio::join!(client, upstream) {
             (Ok(c), Ok(u)) => (c, u),
             (Err(e), _) | (_, Err(e)) => {

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod admission;
 mod affinity;
 mod binary;
 mod continuity;

@@ -1,7 +1,8 @@
 //! A mock worker: a small real HTTP server on 127.0.0.1:0 that records what
 //! it receives and can fail, hang or die on command.
 //!
-//! Query switches: `?ms=N` sleeps N ms before answering; `?bytes=N`
+//! Query switches: `?ms=N` sleeps N ms before answering (counted as
+//! active meanwhile, see [`Worker::max_active`]); `?bytes=N`
 //! answers N bytes, streamed; `?die=ID` (worker
 //! ID reads the request, then drops every connection and hangs);
 //! `?reset=1` reads the request, then resets just its connection (RST).
@@ -49,6 +50,28 @@ struct State {
     /// Requests under /_tether (tether's own contract calls).
     contract: Vec<Seen>,
     instance: Option<String>,
+    /// Requests being handled now, and the most at once (health probes
+    /// and contract calls excluded).
+    active: usize,
+    max_active: usize,
+}
+
+/// Counts a request as active at the worker until dropped.
+struct Active(Arc<Mutex<State>>);
+
+impl Active {
+    fn enter(state: &Arc<Mutex<State>>) -> Active {
+        let mut s = state.lock().unwrap();
+        s.active += 1;
+        s.max_active = s.max_active.max(s.active);
+        Active(state.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().active -= 1;
+    }
 }
 
 /// A running mock worker.
@@ -157,6 +180,11 @@ impl Worker {
             .filter(|s| s.path != "/health")
             .cloned()
             .collect()
+    }
+
+    /// The most requests the worker was handling at once.
+    pub fn max_active(&self) -> usize {
+        self.state.lock().unwrap().max_active
     }
 
     /// Requests under /_tether (this mock implements no contract: 404).
@@ -333,6 +361,7 @@ async fn handle(ctl: &Ctl, req: Request<Incoming>) -> Response<ProxyBody> {
         });
         return websocket(id, req);
     }
+    let _active = (path != "/health").then(|| Active::enter(&ctl.state));
     let (parts, body) = req.into_parts();
     let _ = parts;
     let nth = if path == "/health" {
