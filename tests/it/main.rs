@@ -8,6 +8,7 @@ mod support;
 mod affinity;
 mod binary;
 mod continuity;
+mod dashboard;
 mod edge;
 mod edge_requests;
 mod edge_slow;
