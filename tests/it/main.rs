@@ -7,6 +7,7 @@ mod support;
 
 mod affinity;
 mod binary;
+mod browser;
 mod continuity;
 mod dashboard;
 mod edge;
