@@ -216,6 +216,7 @@ async fn demo_chat_survives_killing_its_worker_from_the_page() {
         "the page names the worker: {before:?}"
     );
     assert!(b.enabled("#kill").await, "the demo enables the kill button");
+    b.screenshot("demo-chat-before-kill.png").await;
 
     b.click("#kill").await;
     let pos = ws.iter().position(|w| w.id == before).unwrap();

@@ -183,3 +183,102 @@ fn ref_config_text(extra: &str) -> String {
         crate::support::key_b64(1)
     )
 }
+
+/// `tether demo` (the real binary, in its own process group, stopped with
+/// its workers at the end) prints the chat and dashboard URLs, and both
+/// answer with their pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tether_demo_prints_both_urls_and_both_pages_answer() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let listen = crate::support::binproc::free_port();
+    let admin = crate::support::binproc::free_port();
+    let workers = three_free_ports();
+    let data = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+    cmd.arg("demo")
+        .args([
+            "--listen",
+            &listen.to_string(),
+            "--admin",
+            &admin.to_string(),
+        ])
+        .args(["--worker-port", &workers.to_string()])
+        .arg("--data")
+        .arg(data.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut demo = DemoGroup(cmd.spawn().unwrap());
+    let out = demo.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let chat = format!("http://{listen}/");
+    let dash = format!("http://{admin}/");
+    let (mut saw_chat, mut saw_dash) = (false, false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !(saw_chat && saw_dash) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("tether demo did not print {chat} and {dash}"));
+        saw_chat |= line.contains("chat") && line.contains(&chat);
+        saw_dash |= line.contains("dashboard") && line.contains(&dash);
+    }
+    crate::support::binproc::ready(admin).await;
+    let page = |url: String| async move {
+        let r = plain().get(&url).send().await.unwrap();
+        let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+        (r.status(), ct, r.text().await.unwrap())
+    };
+    let (status, ct, html) = page(chat.clone()).await;
+    assert_eq!(status, 200);
+    assert!(ct.starts_with("text/html"), "{ct}");
+    assert!(html.contains("kill this worker"), "the chat page");
+    assert!(html.contains(&dash), "the chat page links to the dashboard");
+    assert!(
+        html.contains("\"kill\":true"),
+        "the demo enables the kill button"
+    );
+    let (status, ct, html) = page(dash).await;
+    assert_eq!(status, 200);
+    assert!(ct.starts_with("text/html"), "{ct}");
+    assert!(html.contains("/api/overview"), "the dashboard");
+}
+
+/// The first of three consecutive free loopback ports.
+fn three_free_ports() -> u16 {
+    for _ in 0..50 {
+        let first = crate::support::binproc::free_port().port();
+        let Some(last) = first.checked_add(2) else {
+            continue;
+        };
+        let all = (first..=last).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if all {
+            return first;
+        }
+    }
+    panic!("no three consecutive free ports");
+}
+
+/// The demo's process group (tether and its workers), killed at the end.
+struct DemoGroup(std::process::Child);
+
+impl Drop for DemoGroup {
+    fn drop(&mut self) {
+        let pid = self.0.id();
+        let _ = std::process::Command::new("sh")
+            .args(["-c", &format!("kill -KILL -{pid} 2>/dev/null")])
+            .status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
