@@ -1,12 +1,14 @@
 //! The admin API on `listen.admin`: liveness, readiness, metrics, the
-//! worker list and drain control. `/healthz` and `/readyz` are open (an
-//! orchestrator probes them); the rest needs `admin.token` when it is set.
+//! worker list, drain control, the dashboard's JSON (`/api/overview`,
+//! `/api/moves`) and the dashboard page itself at `/`. `/healthz` and
+//! `/readyz` are open (an orchestrator probes them), and so is the page
+//! (it holds no data); everything else needs `admin.token` when it is set.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, ORIGIN};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -17,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::backends::WorkerSet;
-use crate::continuity::Continuity;
+use crate::continuity::{Continuity, StoreState};
 use crate::live::SharedLive;
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
@@ -89,6 +91,14 @@ fn route(proxy: &Admin, req: Request<Incoming>) -> AdminResponse {
     match (method, path) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => readyz(proxy),
+        // The page holds no data: it asks for the token and sends it with
+        // every call to the endpoints below.
+        (&Method::GET, "") => dashboard(),
+        (&Method::POST, _) if !same_origin(&req) => {
+            // A page on another site cannot drain workers through a
+            // browser that can reach this listener.
+            text(StatusCode::FORBIDDEN, "cross-origin request refused\n")
+        }
         _ if !authorized(proxy, &req) => {
             let mut r = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
             r.headers_mut()
@@ -110,7 +120,12 @@ fn route(proxy: &Admin, req: Request<Incoming>) -> AdminResponse {
             );
             r
         }
-        (&Method::GET, "/backends") => backends(proxy),
+        (&Method::GET, "/backends") => json_response(StatusCode::OK, &json!(workers(proxy))),
+        (&Method::GET, "/api/overview") => overview(proxy),
+        (&Method::GET, "/api/moves") => json_response(
+            StatusCode::OK,
+            &json!(proxy.continuity.recent_moves().newest_first()),
+        ),
         (&Method::POST, p) if p.starts_with("/backends/") => drain(proxy, p),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
@@ -169,25 +184,101 @@ fn readyz(proxy: &Admin) -> AdminResponse {
     json_response(status, &body)
 }
 
-fn backends(proxy: &Admin) -> AdminResponse {
+/// The `/backends` entries (also the `workers` of `/api/overview`).
+fn workers(proxy: &Admin) -> Vec<serde_json::Value> {
+    let now = proxy.continuity.now_unix();
     let workers = proxy.workers.load();
-    let list: Vec<_> = workers
+    workers
         .all()
         .iter()
         .map(|b| {
+            let (state, held) = b.observe_state();
             json!({
                 "id": b.id,
                 "url": b.url.to_string(),
                 "weight": b.weight(),
-                "state": b.state().as_str(),
+                "state": state.as_str(),
+                "changed_at": now.saturating_sub(held.as_secs()),
                 "instance": b.instance(),
                 "sessions": b.sessions(),
                 "in_flight": b.slots.in_flight(),
                 "queued": b.slots.queued(),
             })
         })
-        .collect();
-    json_response(StatusCode::OK, &json!(list))
+        .collect()
+}
+
+/// Moves `/api/overview` carries (the full ring is at `/api/moves`).
+const OVERVIEW_MOVES: usize = 20;
+
+/// Everything the dashboard shows, in one poll.
+fn overview(proxy: &Admin) -> AdminResponse {
+    let c = &proxy.continuity;
+    let gauges = c.gauges();
+    let store_state = match c.store_state() {
+        StoreState::Connected => "connected",
+        StoreState::Degraded => "degraded",
+        StoreState::Unavailable => "down",
+    };
+    let requests = proxy.metrics.request_totals();
+    let mut moves = c.recent_moves().newest_first();
+    moves.truncate(OVERVIEW_MOVES);
+    let body = json!({
+        "now": c.now_unix(),
+        "workers": workers(proxy),
+        "store": {
+            "kind": c.store_kind(),
+            "state": store_state,
+            "capture_lag": {
+                "threads": gauges.capture_queue,
+                "buffered": gauges.buffered,
+                "buffered_bytes": gauges.buffered_bytes,
+            },
+        },
+        "requests": {"total": requests.total, "errors": requests.errors},
+        "moves": moves,
+    });
+    json_response(StatusCode::OK, &body)
+}
+
+/// The dashboard page (self-contained: styles and script inline).
+const DASHBOARD: &str = include_str!("admin/dashboard.html");
+
+fn dashboard() -> AdminResponse {
+    let mut r = Response::new(Full::new(Bytes::from_static(DASHBOARD.as_bytes())));
+    let h = r.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    // Nothing but this page's own inline code and same-origin calls.
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        ),
+    );
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("cache-control", HeaderValue::from_static("no-store"));
+    r
+}
+
+/// Whether a request carries no `Origin`, or one naming this listener
+/// (what a browser sends from the dashboard itself).
+fn same_origin(req: &Request<Incoming>) -> bool {
+    let Some(origin) = req.headers().get(ORIGIN) else {
+        return true;
+    };
+    let host = req.headers().get(HOST).and_then(|h| h.to_str().ok());
+    let origin = origin.to_str().ok().and_then(|o| {
+        o.strip_prefix("http://")
+            .or_else(|| o.strip_prefix("https://"))
+    });
+    matches!((origin, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
 }
 
 fn drain(proxy: &Admin, path: &str) -> AdminResponse {

@@ -158,6 +158,8 @@ impl Health {
                 }
                 None => {}
             }
+            // Dates the state change for the admin API and the dashboard.
+            backend.observe_state();
         }
     }
 

@@ -67,7 +67,24 @@ enum Cmd {
         /// Listen address.
         #[arg(long)]
         listen: SocketAddr,
+        /// Serve the demo's chat page at `/`.
+        #[arg(long)]
+        demo_page: bool,
+        /// The dashboard URL the chat page links to.
+        #[arg(long, requires = "demo_page")]
+        dashboard: Option<String>,
+        /// Let the chat page's "kill this worker" button end this process
+        /// (demo only: anyone who reaches the page can use it).
+        #[arg(long, requires = "demo_page")]
+        allow_kill: bool,
     },
+}
+
+/// `tether worker`'s demo options.
+struct WorkerDemo {
+    page: bool,
+    dashboard: Option<String>,
+    allow_kill: bool,
 }
 
 fn main() -> ExitCode {
@@ -87,7 +104,21 @@ fn main() -> ExitCode {
             worker_port,
             data,
         }) => demo(*listen, *admin, *worker_port, data),
-        Some(Cmd::Worker { id, listen }) => worker(id.clone(), *listen),
+        Some(Cmd::Worker {
+            id,
+            listen,
+            demo_page,
+            dashboard,
+            allow_kill,
+        }) => worker(
+            id.clone(),
+            *listen,
+            WorkerDemo {
+                page: *demo_page,
+                dashboard: dashboard.clone(),
+                allow_kill: *allow_kill,
+            },
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -222,7 +253,7 @@ async fn serve(
     Ok(())
 }
 
-fn worker(id: String, listen: SocketAddr) -> anyhow::Result<()> {
+fn worker(id: String, listen: SocketAddr, demo: WorkerDemo) -> anyhow::Result<()> {
     let rt = runtime(Some(1))?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
@@ -234,9 +265,14 @@ fn worker(id: String, listen: SocketAddr) -> anyhow::Result<()> {
             let _ = tokio::signal::ctrl_c().await;
             c.cancel();
         });
-        tether::worker::RefWorker::new(&id, None)
-            .serve(listener, cancel)
-            .await;
+        let mut w = tether::worker::RefWorker::new(&id, None);
+        if demo.page {
+            w = w.with_demo_page(tether::worker::DemoPage {
+                dashboard: demo.dashboard,
+                kill: demo.allow_kill.then(|| cancel.clone()),
+            });
+        }
+        w.serve(listener, cancel).await;
         Ok(())
     })
 }
@@ -270,8 +306,10 @@ fn demo(
             .checked_add(i as u16)
             .context("--worker-port too high")?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let dashboard = format!("http://{admin}/");
         let child = Command::new(&exe)
             .args(["worker", "--id", id, "--listen", &addr.to_string()])
+            .args(["--demo-page", "--allow-kill", "--dashboard", &dashboard])
             .spawn()
             .with_context(|| format!("cannot start demo worker {id}"))?;
         println!("  {id}: http://{addr}  (pid {})", child.id());
@@ -291,7 +329,10 @@ fn demo(
         .collect();
     println!(
         "\ntether demo: proxy http://{listen}  admin http://{admin}  store {store}\n\n\
-         Talk (the cookie jar keeps your pin):\n  \
+         In a browser:\n  \
+         chat       http://{listen}/   (talk, then \"kill this worker\", then talk again)\n  \
+         dashboard  http://{admin}/   (workers, store, moves, live)\n\n\
+         Or with curl (the cookie jar keeps your pin):\n  \
          curl -s -c /tmp/jar -b /tmp/jar -X POST 'http://{listen}/chat?thread=main&message=hello'\n  \
          curl -s -c /tmp/jar -b /tmp/jar -X POST 'http://{listen}/chat?thread=main&message=again'\n\
          See the workers:\n  curl -s http://{admin}/backends\n\

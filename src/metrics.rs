@@ -3,6 +3,8 @@
 //! so every metric is defined, registered and labelled in this one file.
 //! Per-worker gauges and the store's state are filled in at scrape time.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -110,6 +112,19 @@ pub(crate) struct Metrics {
     rate_limit_keys: Family<RuleLabel, Gauge>,
     /// The upstream counts last rendered (counters advance by the delta).
     upstream_seen: std::sync::Mutex<Stats>,
+    /// Requests answered, and those answered 5xx (for the dashboard's
+    /// rates, without walking the label families).
+    answered: AtomicU64,
+    answered_5xx: AtomicU64,
+}
+
+/// Requests answered since start, for `/api/overview`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RequestTotals {
+    /// Every answered request.
+    pub total: u64,
+    /// Those answered with a 5xx status.
+    pub errors: u64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -173,6 +188,8 @@ impl Metrics {
             rate_limited: Family::default(),
             rate_limit_keys: Family::default(),
             upstream_seen: std::sync::Mutex::new(Stats::default()),
+            answered: AtomicU64::new(0),
+            answered_5xx: AtomicU64::new(0),
             registry: Registry::default(),
         };
         register!(registry, m,
@@ -270,6 +287,10 @@ impl Metrics {
     /// lookup per request.
     pub(crate) fn request(&self, status: http::StatusCode, backend: Option<&Backend>, secs: f64) {
         self.latency.observe(secs);
+        self.answered.fetch_add(1, Ordering::Relaxed);
+        if status.is_server_error() {
+            self.answered_5xx.fetch_add(1, Ordering::Relaxed);
+        }
         let i = match status.as_u16() {
             100..=199 => 0,
             200..=299 => 1,
@@ -297,6 +318,14 @@ impl Metrics {
                 })
                 .inc(),
         };
+    }
+
+    /// Requests answered so far, and how many with a 5xx.
+    pub(crate) fn request_totals(&self) -> RequestTotals {
+        RequestTotals {
+            total: self.answered.load(Ordering::Relaxed),
+            errors: self.answered_5xx.load(Ordering::Relaxed),
+        }
     }
 
     /// A session moved to another worker (or restarted in place).

@@ -13,6 +13,10 @@
 //!   `201` created, `200` already held or tail appended, `409` diverged.
 //! - `GET /_tether/changes?after=C&wait=25s` long-polls the change feed.
 //! - Every response carries `Tether-Instance` (random per process).
+//!
+//! With a [`DemoPage`] (`tether worker --demo-page`, what `tether demo`
+//! runs) it also serves a chat page at `GET /` and, only when the demo
+//! allows it (`--allow-kill`), `POST /demo/kill`, which ends the process.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -81,7 +85,25 @@ pub struct RefWorker {
     token: Option<Arc<str>>,
     memory: Arc<Mutex<Memory>>,
     changed: Arc<Notify>,
+    demo: Option<Arc<DemoPage>>,
 }
+
+/// The demo's chat page (`GET /`), off unless set.
+#[derive(Debug, Clone, Default)]
+pub struct DemoPage {
+    /// The dashboard's URL, linked from the page.
+    pub dashboard: Option<String>,
+    /// When set, the page's "kill this worker" button works:
+    /// `POST /demo/kill` answers, then cancels this token (the process
+    /// ends). Only the demo sets it.
+    pub kill: Option<CancellationToken>,
+}
+
+/// The chat page; `__DEMO_CONFIG__` becomes the page's settings (JSON).
+const CHAT_PAGE: &str = include_str!("worker/chat.html");
+
+/// How long a killed worker lets its last answer reach the client.
+const KILL_GRACE: Duration = Duration::from_millis(200);
 
 impl RefWorker {
     /// A worker with empty memory and a fresh instance tag.
@@ -98,7 +120,14 @@ impl RefWorker {
             token: token.map(Into::into),
             memory: Arc::new(Mutex::new(Memory::default())),
             changed: Arc::new(Notify::new()),
+            demo: None,
         }
+    }
+
+    /// Serves the demo's chat page too.
+    pub fn with_demo_page(mut self, page: DemoPage) -> RefWorker {
+        self.demo = Some(Arc::new(page));
+        self
     }
 
     /// The instance tag.
@@ -211,6 +240,8 @@ impl RefWorker {
         }
         match (req.method().clone(), path.as_str()) {
             (Method::GET, "/health") => reply(StatusCode::OK, json!({"ok": true})),
+            (Method::GET, "/") if self.demo.is_some() => self.chat_page(),
+            (Method::POST, "/demo/kill") if self.demo.is_some() => self.kill(),
             (Method::POST, "/chat") => self.chat(&session, &q),
             (Method::GET, "/chat") => {
                 let thread = q.get("thread").cloned().unwrap_or_else(|| "main".into());
@@ -225,6 +256,46 @@ impl RefWorker {
                 json!({"worker": &*self.id, "session": session, "path": path}),
             ),
         }
+    }
+
+    fn chat_page(&self) -> Response<Full<Bytes>> {
+        let demo = self.demo.as_deref().cloned().unwrap_or_default();
+        let settings = json!({
+            "dashboard": demo.dashboard,
+            "kill": demo.kill.is_some(),
+        })
+        .to_string()
+        // Inside a <script> element: no `</script>` can close it early.
+        .replace('<', "\\u003c");
+        let page = CHAT_PAGE.replacen("__DEMO_CONFIG__", &settings, 1);
+        let mut r = Response::new(Full::new(Bytes::from(page)));
+        let h = r.headers_mut();
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        h.insert(
+            "content-security-policy",
+            HeaderValue::from_static(
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+            ),
+        );
+        h.insert("cache-control", HeaderValue::from_static("no-store"));
+        r
+    }
+
+    /// `POST /demo/kill`: answers, then dies (only when the demo allows).
+    fn kill(&self) -> Response<Full<Bytes>> {
+        let Some(token) = self.demo.as_ref().and_then(|d| d.kill.clone()) else {
+            return reply(StatusCode::FORBIDDEN, json!({"code": "kill_disabled"}));
+        };
+        tracing::warn!(worker = %self.id, "killed from the demo page");
+        tokio::spawn(async move {
+            tokio::time::sleep(KILL_GRACE).await;
+            token.cancel();
+        });
+        reply(StatusCode::OK, json!({"worker": &*self.id, "dying": true}))
     }
 
     fn chat(&self, session: &str, q: &HashMap<String, String>) -> Response<Full<Bytes>> {

@@ -74,6 +74,9 @@ pub struct Backend {
     consecutive_failures: AtomicU32,
     sessions: AtomicI64,
     instance: Mutex<Option<String>>,
+    /// The state last observed and since when (see
+    /// [`Backend::observe_state`]).
+    state_seen: Mutex<Option<(State, Instant)>>,
     born: Instant,
     /// Request counters by status class, resolved once (see metrics).
     pub(crate) request_counters:
@@ -105,6 +108,7 @@ impl Backend {
             consecutive_failures: AtomicU32::new(0),
             sessions: AtomicI64::new(0),
             instance: Mutex::new(None),
+            state_seen: Mutex::new(None),
             born: Instant::now(),
             request_counters: std::sync::OnceLock::new(),
         }
@@ -155,6 +159,22 @@ impl Backend {
             State::Draining
         } else {
             State::Up
+        }
+    }
+
+    /// The state now and how long it has held. The state is derived
+    /// (probes, ejection expiry, drain), so a change is noticed when it is
+    /// observed: the health loop observes after every probe and the admin
+    /// API on every read, which makes the time exact to a health interval.
+    pub fn observe_state(&self) -> (State, Duration) {
+        let now = self.state();
+        let mut seen = self.state_seen.lock().unwrap_or_else(|p| p.into_inner());
+        match *seen {
+            Some((state, since)) if state == now => (now, since.elapsed()),
+            _ => {
+                *seen = Some((now, Instant::now()));
+                (now, Duration::ZERO)
+            }
         }
     }
 

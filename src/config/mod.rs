@@ -150,10 +150,12 @@ pub struct SniCert {
 }
 
 /// `[admin]`
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Admin {
     /// Optional bearer token for the admin API.
     pub token: Option<Secret>,
+    /// Moves kept for `/api/moves` and the dashboard (default 100).
+    pub recent_moves: usize,
 }
 
 /// `affinity.same_site`

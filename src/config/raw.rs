@@ -115,6 +115,8 @@ pub struct RawSni {
 pub struct RawAdmin {
     /// `token`: bearer token for the admin API.
     pub token: Option<String>,
+    /// `recent_moves`: moves kept for `/api/moves` and the dashboard.
+    pub recent_moves: Option<i64>,
 }
 
 /// A string, or a TOML boolean where the key also accepts one (`secure`).

@@ -50,6 +50,10 @@ impl TryFrom<RawConfig> for Config {
         }
         let admin = Admin {
             token: secret("admin.token", raw.admin.token.as_deref())?,
+            recent_moves: opt(raw.admin.recent_moves, |n| {
+                int("admin.recent_moves", n, 1, 10_000)
+            })?
+            .unwrap_or(100),
         };
         let affinity = affinity(&raw.affinity)?;
         let balance = balance(&raw.balance)?;

@@ -31,6 +31,7 @@ use crate::backends::{Backend, WorkerSet};
 use crate::clock::SharedClock;
 use crate::live::{Live, SharedLive};
 use crate::metrics::{ContinuityGauges, Metrics};
+use crate::restore::recent::RecentMoves;
 use crate::store::{Appended, Fence, SessionRow, StoreError, ThreadWrite};
 use buffer::{Buffered, OutageBuffer};
 use capture::{CaptureQueue, Hint, Key, Pulled, Source, Take};
@@ -62,6 +63,8 @@ struct Inner {
     live: SharedLive,
     metrics: Arc<Metrics>,
     clock: SharedClock,
+    /// The recent moves, for the admin API.
+    recent: RecentMoves,
 }
 
 impl Continuity {
@@ -91,6 +94,7 @@ impl Continuity {
             live,
             metrics,
             clock,
+            recent: RecentMoves::new(config.admin.recent_moves),
         }))
     }
 
@@ -319,6 +323,11 @@ impl Continuity {
     /// enable it before checking the count).
     pub(crate) fn request_settled(&self) -> tokio::sync::futures::Notified<'_> {
         self.0.in_flight.settled.notified()
+    }
+
+    /// The recent moves (bounded ring, newest first).
+    pub(crate) fn recent_moves(&self) -> &RecentMoves {
+        &self.0.recent
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {

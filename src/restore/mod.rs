@@ -11,6 +11,7 @@
 //! fenced by the pin it was taken under (see [`crate::store::Fence`]).
 
 mod machine;
+pub(crate) mod recent;
 mod threads;
 
 #[cfg(test)]
@@ -32,6 +33,7 @@ use crate::continuity::{Continuity, StoreState};
 use crate::live::Live;
 use crate::store::{Fence, Repin, RestoreRow, SessionRow, StoreError};
 use machine::{Captures, Cas, Facts, Failure, Step, Winner};
+use recent::MoveRecord;
 
 pub(crate) use machine::RestoreOutcome;
 
@@ -110,13 +112,24 @@ pub(crate) async fn run(
 ) -> Result<Landing, MoveError> {
     let started = Instant::now();
     let deadline = started + live.config.state.restore_timeout;
+    let to_id = to.id.clone();
     let result = drive(c, workers, live, mv, to, deadline).await;
-    let secs = started.elapsed().as_secs_f64();
-    match &result {
-        Ok(landing) => c.metrics().restore(landing.outcome.as_str(), secs),
-        Err(MoveError::Incomplete { .. }) => c.metrics().restore("waiting", secs),
-        Err(_) => c.metrics().restore(RestoreOutcome::Failed.as_str(), secs),
-    }
+    let took = started.elapsed();
+    let (outcome, landed_on) = match &result {
+        Ok(landing) => (landing.outcome.as_str(), landing.backend.id.clone()),
+        Err(MoveError::Incomplete { .. }) => ("waiting", to_id),
+        Err(_) => (RestoreOutcome::Failed.as_str(), to_id),
+    };
+    c.metrics().restore(outcome, took.as_secs_f64());
+    c.recent_moves().record(MoveRecord {
+        session: mv.session.to_hex(),
+        from: mv.from.clone(),
+        to: landed_on,
+        reason: mv.reason.as_str(),
+        outcome,
+        duration_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+        at: c.now_unix(),
+    });
     result
 }
 

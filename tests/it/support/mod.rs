@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod binproc;
+pub mod browser;
 pub mod front;
 pub mod proc;
 pub mod refworker;

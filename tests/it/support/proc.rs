@@ -19,25 +19,47 @@ pub struct WorkerProc {
     pub addr: SocketAddr,
     child: Option<Child>,
     stopped: bool,
+    /// Extra `tether worker` arguments (kept for restarts).
+    args: Vec<String>,
 }
 
 impl WorkerProc {
     /// Starts a worker on a free loopback port.
     pub async fn start(id: &str) -> WorkerProc {
+        Self::start_with(id, &[]).await
+    }
+
+    /// Starts a worker with extra `tether worker` arguments
+    /// (`--demo-page`, `--allow-kill`).
+    pub async fn start_with(id: &str, args: &[&str]) -> WorkerProc {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         // Another process may take the port between the probe bind and the
         // worker's bind: then try another port.
         for _ in 0..5 {
             let addr = free_port();
-            if let Some(child) = spawn_ready(id, addr, READY_WITHIN).await {
+            if let Some(child) = spawn_ready(id, addr, &args, READY_WITHIN).await {
                 return WorkerProc {
                     id: id.to_owned(),
                     addr,
                     child: Some(child),
                     stopped: false,
+                    args,
                 };
             }
         }
         panic!("worker {id}: could not start on a free port");
+    }
+
+    /// Whether the process has exited (reaping it).
+    pub fn exited(&mut self) -> bool {
+        let done = match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+            None => true,
+        };
+        if done {
+            self.child = None;
+        }
+        done
     }
 
     /// The process id.
@@ -68,7 +90,7 @@ impl WorkerProc {
         self.kill9();
         let deadline = Instant::now() + PORT_FREE_WITHIN;
         while Instant::now() < deadline {
-            if let Some(child) = spawn_ready(&self.id, self.addr, READY_WITHIN).await {
+            if let Some(child) = spawn_ready(&self.id, self.addr, &self.args, READY_WITHIN).await {
                 self.child = Some(child);
                 return;
             }
@@ -154,9 +176,15 @@ fn free_port() -> SocketAddr {
 
 /// Spawns a worker on `addr` and waits until the port accepts. `None` when
 /// the process exits first (the port was busy).
-async fn spawn_ready(id: &str, addr: SocketAddr, within: Duration) -> Option<Child> {
+async fn spawn_ready(
+    id: &str,
+    addr: SocketAddr,
+    args: &[String],
+    within: Duration,
+) -> Option<Child> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
         .args(["worker", "--id", id, "--listen", &addr.to_string()])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
