@@ -74,6 +74,10 @@ impl Proxy {
             }
             let history = self.ensure_continuity(&mut route, live, &workers).await?;
             match self.0.admission.admit(&route.backend, &live.config).await {
+                // The slot came free because the worker was lost (its
+                // requests in flight were answered): route again, as for
+                // a waiter woken by the loss.
+                Ok(_) if !route.backend.is_usable() && reroutes < MAX_REROUTES => reroutes += 1,
                 Ok(slot) => {
                     let slot = Held {
                         at: route.backend.clone(),
