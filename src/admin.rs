@@ -245,20 +245,23 @@ fn overview(proxy: &Admin) -> AdminResponse {
 const DASHBOARD: &str = include_str!("admin/dashboard.html");
 
 fn dashboard() -> AdminResponse {
-    let mut r = Response::new(Full::new(Bytes::from_static(DASHBOARD.as_bytes())));
+    html_page(
+        Bytes::from_static(DASHBOARD.as_bytes()),
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+         connect-src 'self'; img-src data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    )
+}
+
+/// A self-contained HTML page (the dashboard, the demo chat) with its
+/// content security policy; never cached, never sniffed.
+pub(crate) fn html_page(page: Bytes, csp: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(page));
     let h = r.headers_mut();
     h.insert(
         CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
-    // Nothing but this page's own inline code and same-origin calls.
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static(
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-             connect-src 'self'; img-src data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
-        ),
-    );
+    h.insert("content-security-policy", HeaderValue::from_static(csp));
     h.insert(
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),

@@ -268,21 +268,11 @@ impl RefWorker {
         // Inside a <script> element: no `</script>` can close it early.
         .replace('<', "\\u003c");
         let page = CHAT_PAGE.replacen("__DEMO_CONFIG__", &settings, 1);
-        let mut r = Response::new(Full::new(Bytes::from(page)));
-        let h = r.headers_mut();
-        h.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/html; charset=utf-8"),
-        );
-        h.insert(
-            "content-security-policy",
-            HeaderValue::from_static(
-                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-                 connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
-            ),
-        );
-        h.insert("cache-control", HeaderValue::from_static("no-store"));
-        r
+        crate::admin::html_page(
+            Bytes::from(page),
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        )
     }
 
     /// `POST /demo/kill`: answers, then dies (only when the demo allows).
