@@ -16,7 +16,7 @@ pub fn config_text(
         "[listen]\nhttp = \"{listen}\"\nadmin = \"{admin}\"\n\n\
          [affinity]\nkeys = [\"{key_b64}\"]\n\n\
          [health]\ninterval = \"1s\"\nfall = 2\nrise = 2\n\n\
-         [state]\nstore = \"{store}\"\n"
+         [state]\nstore = \"{store}\"\ncapture = \"sync\"\n"
     );
     for (id, addr) in workers {
         s.push_str(&format!(

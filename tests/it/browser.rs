@@ -185,7 +185,14 @@ async fn demo_chat_survives_killing_its_worker_from_the_page() {
         ws.push(WorkerProc::start_with(id, &args).await);
     }
     let refs: Vec<&WorkerProc> = ws.iter().collect();
-    let t = Tether::start(&config(&refs, &admin.to_string(), "")).await;
+    // As `tether demo` runs: sync capture (the kill may follow an answer at
+    // once; nothing the page showed may be lost).
+    let t = Tether::start(&config(
+        &refs,
+        &admin.to_string(),
+        "[state]\ncapture = \"sync\"\n",
+    ))
+    .await;
 
     let b = Browser::start().await;
     b.goto(&t.url("/")).await;
