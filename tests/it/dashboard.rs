@@ -284,3 +284,56 @@ impl Drop for DemoGroup {
         let _ = self.0.wait();
     }
 }
+
+/// The interleaving CI hit in the move test above with the default async
+/// capture: a new session's first turn, its worker killed at once (before
+/// or while tether pulls the turn). The next answer either carries the
+/// whole history or says `Tether-Restore: partial`; never a silent loss.
+#[tokio::test]
+async fn a_kill_right_after_a_first_turn_is_kept_or_marked() {
+    let mut marked = 0;
+    for round in 0..6 {
+        let a = Ref::start("a").await;
+        let b = Ref::start("b").await;
+        let extra = "[health]\ninterval = \"100ms\"\nfall = 2\nrise = 2\n";
+        let t = Tether::start(&ref_config(&[&a, &b], extra)).await;
+        let u = user();
+        let first: Value = u
+            .post(t.url("/chat?thread=main&message=one"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let gone = if first["worker"] == "a" { &a } else { &b };
+        gone.kill();
+        let again = u
+            .post(t.url("/chat?thread=main&message=two"))
+            .send()
+            .await
+            .unwrap();
+        let status = again.status();
+        let mark = again
+            .headers()
+            .get("tether-restore")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body = again.text().await.unwrap();
+        if status.is_success() {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            let n = v["history"].as_array().unwrap().len();
+            assert!(
+                n == 4 || mark.as_deref() == Some("partial"),
+                "round {round}: {n} entries unmarked: {body}"
+            );
+            if n < 4 {
+                marked += 1;
+            }
+        } else {
+            // A 503 while the lost turn may still come back is allowed.
+            assert_eq!(status, 503, "round {round}: {body}");
+        }
+        t.stop().await;
+    }
+    println!("{marked} of 6 rounds marked partial");
+}
