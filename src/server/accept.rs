@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::idle::{Activity, IdleClock, Tracked};
 use super::scan::{Scanned, Scanner};
 use super::stall::Stall;
 use super::tls::HandshakeLog;
@@ -181,11 +182,11 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        // hyper starts this timer when it waits for a head, which on a
-        // kept-alive connection is as soon as the previous response ended:
-        // it is the idle timeout. The head itself is bounded by
-        // `header_timeout` from its first byte in `Scanned`.
-        .header_read_timeout(limits.idle_timeout.max(limits.header_timeout))
+        // Not hyper's head timer (a boxed timer made, registered and
+        // dropped per request): `Scanned` bounds a head to
+        // `header_timeout` from its first byte and the idle time between
+        // requests to `idle_timeout`, with one timer per connection.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
     b.http2()
@@ -219,7 +220,10 @@ where
     let draining = drain.draining;
     let peer = Arc::new(peer);
     let conn_peer = peer.clone();
+    let activity = Activity::new();
+    let idle = IdleClock::new(activity.clone(), limits.idle_timeout);
     let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+        let answering = activity.begin();
         let proxy = proxy.clone();
         let peer = conn_peer.clone();
         if smuggled.load(Ordering::Relaxed) {
@@ -244,7 +248,7 @@ where
                     http::HeaderValue::from_static("close"),
                 );
             }
-            Ok::<_, Infallible>(resp)
+            Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, answering)))
         }
     });
     let b = builder(limits);
@@ -253,6 +257,7 @@ where
             Stall::new(io, limits.send_timeout),
             scanner,
             limits.header_timeout,
+            idle,
         )),
         svc,
     );

@@ -7,6 +7,7 @@
 //! ([`Inherited`]: socket activation, binary upgrade).
 
 mod accept;
+mod idle;
 mod inherit;
 mod scan;
 mod stall;

@@ -16,6 +16,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
+use super::idle::IdleClock;
+
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +85,12 @@ impl Scanner {
             State::Off => !self.started,
             _ => false,
         }
+    }
+
+    /// Whether the connection waits for its next request head with none of
+    /// it arrived yet (HTTP/1 only: never for HTTP/2 or after an upgrade).
+    pub(super) fn between_heads(&self) -> bool {
+        self.state == State::Head && self.started && self.line.is_empty()
     }
 
     /// Feeds bytes read from the client.
@@ -227,25 +235,28 @@ impl Scanner {
 pin_project_lite::pin_project! {
     /// Client I/O with a [`Scanner`] on the read side. It also bounds a
     /// request head to `header_timeout` from its first byte (slowloris),
-    /// so hyper's own head timer can be the keep-alive idle timeout.
+    /// and ends a kept-alive HTTP/1 connection idle for `idle_timeout`
+    /// between requests ([`IdleClock`]: one timer per connection).
     pub struct Scanned<T> {
         #[pin]
         io: T,
         scanner: Scanner,
         header_timeout: Duration,
         deadline: Option<Pin<Box<Sleep>>>,
+        idle: IdleClock,
     }
 }
 
 impl<T> Scanned<T> {
     /// Wraps `io`.
     /// The first head is due `header_timeout` after the connection opened.
-    pub(super) fn new(io: T, scanner: Scanner, header_timeout: Duration) -> Self {
+    pub(super) fn new(io: T, scanner: Scanner, header_timeout: Duration, idle: IdleClock) -> Self {
         Scanned {
             io,
             scanner,
             header_timeout,
             deadline: Some(Box::pin(tokio::time::sleep(header_timeout))),
+            idle,
         }
     }
 }
@@ -281,6 +292,11 @@ impl<T: AsyncRead> AsyncRead for Scanned<T> {
                         io::ErrorKind::TimedOut,
                         "request head not complete within limits.header_timeout",
                     )));
+                }
+                if this.scanner.between_heads() && this.idle.expired(cx) {
+                    // Idle for `limits.idle_timeout`: an end of stream, so
+                    // hyper closes the connection as a client's close.
+                    return Poll::Ready(Ok(()));
                 }
                 Poll::Pending
             }

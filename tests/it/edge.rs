@@ -162,6 +162,36 @@ async fn idle_keep_alive_lasts_idle_timeout_not_header_timeout() {
     t.stop().await;
 }
 
+/// On a paused clock: a response that takes longer than
+/// `limits.idle_timeout` is not idleness (the connection is not cut under
+/// it), and the idle time counts from the end of that response.
+#[tokio::test]
+async fn a_response_slower_than_idle_timeout_is_served_and_idle_counts_from_its_end() {
+    let a = Worker::start("a").await;
+    let t = Tether::start(&config_text(
+        &[&a],
+        "[limits]\nidle_timeout = \"5s\"\nresponse_timeout = \"60s\"\n",
+    ))
+    .await;
+    let mut s = TcpStream::connect(t.http).await.unwrap();
+    tokio::time::pause();
+    s.write_all(b"GET /slow?ms=8000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "8 s answer: {first:?}");
+    let idle_from = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "still open after 60 s idle");
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_secs(5) && idle < Duration::from_secs(7),
+        "closed after {idle:?} idle"
+    );
+    t.stop().await;
+}
+
 #[tokio::test]
 async fn max_connections_refuses_new_connections_without_stalling_old_ones() {
     let a = Worker::start("a").await;
