@@ -138,7 +138,7 @@ impl Scanner {
                 State::Head | State::ChunkSize | State::Trailers => {
                     // Whole line segments at a time: heads are scanned at
                     // memchr speed, not byte by byte.
-                    let (chunk, found) = match bytes.iter().position(|&b| b == b'\n') {
+                    let (chunk, found) = match memchr::memchr(b'\n', bytes) {
                         Some(i) => (&bytes[..=i], true),
                         None => (bytes, false),
                     };
@@ -200,8 +200,8 @@ impl Scanner {
     fn head_done(&mut self) -> State {
         let mut length: Option<u64> = None;
         let (mut has_cl, mut has_te) = (false, false);
-        for line in self.line.split(|&b| b == b'\n').skip(1) {
-            let Some(colon) = line.iter().position(|&b| b == b':') else {
+        for line in lines(&self.line).skip(1) {
+            let Some(colon) = memchr::memchr(b':', line) else {
                 continue;
             };
             let name = line[..colon].trim_ascii_end();
@@ -230,6 +230,19 @@ impl Scanner {
             None => State::Off,
         }
     }
+}
+
+/// The `\n`-separated lines of `buf` (the last one may be empty), found
+/// at memchr speed.
+fn lines(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    memchr::memchr_iter(b'\n', buf)
+        .chain(std::iter::once(buf.len()))
+        .map(move |end| {
+            let line = &buf[start..end];
+            start = (end + 1).min(buf.len());
+            line
+        })
 }
 
 pin_project_lite::pin_project! {
