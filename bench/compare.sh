@@ -5,6 +5,7 @@
 #
 #   bash bench/compare.sh                 # 3 repetitions of 10 s per scenario
 #   REPS=1 DUR=3 bash bench/compare.sh    # quick look
+#   FEATURES=aws-lc-rs bash bench/compare.sh   # rustls on aws-lc-rs, not ring
 #
 # Prints, per scenario and proxy: req/s, p50/p99 latency, the proxy's CPU
 # microseconds per request and its RSS; then tether's ratio to each peer per
@@ -27,7 +28,9 @@ if ! need haproxy || ! need nginx || ! need wrk || ! need h2load || ! need opens
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx-light wrk nghttp2-client openssl >/dev/null
 fi
-cargo build --release --locked --bin tether --example origin --example restore_latency >&2
+# FEATURES=aws-lc-rs measures tether with rustls on aws-lc-rs instead of ring.
+cargo build --release --locked ${FEATURES:+--features "$FEATURES"} \
+  --bin tether --example origin --example restore_latency >&2
 
 WORK=$(mktemp -d /tmp/tether-bench.XXXXXX)
 PIDS=()
@@ -217,6 +220,37 @@ for rep in $(seq 1 "$REPS"); do
   run "$rep" tls-new-conn nginx $(nginx_pids) -- $WRK -H "Connection: close" -H "Cookie: $N_COOKIE" "https://127.0.0.1:$N_TLS/"
 done
 
+# Two threads: tether with `[runtime] threads = 2` against HAProxy with
+# `nbthread 2`, HTTP/1.1 keep-alive with the sticky cookie. This machine has
+# two cores, so proxy, origin and load generator all share both: the figures
+# say how each proxy uses a second thread under contention, not how it
+# scales on a bigger machine. THREADS2=0 skips it.
+if [ "${THREADS2:-1}" = 1 ]; then
+  T2_HTTP=18120 T2_ADMIN=18197 H2_HTTP=18220
+  tether_toml "$WORK/tether2.toml" "$WORK/tether2.db" "[listen]
+http = \"127.0.0.1:$T2_HTTP\"
+admin = \"127.0.0.1:$T2_ADMIN\"" o1=$O1 o2=$O2
+  sed -i 's/^threads = 1$/threads = 2/' "$WORK/tether2.toml"
+  RUST_LOG=warn target/release/tether --config "$WORK/tether2.toml" 2>"$WORK/tether2.log" &
+  T2_PID=$!; PIDS+=($T2_PID)
+  sed -e 's/nbthread 1/nbthread 2/' -e "s/127.0.0.1:$H_HTTP/127.0.0.1:$H2_HTTP/" \
+    -e "/127.0.0.1:$H_TLS/d" "$WORK/haproxy.cfg" > "$WORK/haproxy2.cfg"
+  haproxy -db -f "$WORK/haproxy2.cfg" 2>"$WORK/haproxy2.log" &
+  H2_PID=$!; PIDS+=($H2_PID)
+  for url in "http://127.0.0.1:$T2_HTTP/" "http://127.0.0.1:$H2_HTTP/"; do
+    for _ in $(seq 1 100); do curl -fsS -o /dev/null "$url" 2>/dev/null && break; sleep 0.1; done
+  done
+  T2_COOKIE=$(curl -s -D - -o /dev/null "http://127.0.0.1:$T2_HTTP/" | sed -n 's/^set-cookie: \(tether=[^;]*\).*/\1/ip' | head -1)
+  H2_COOKIE=$(curl -s -D - -o /dev/null "http://127.0.0.1:$H2_HTTP/" | sed -n 's/^set-cookie: \(SRV=[^;]*\).*/\1/ip' | head -1)
+  WRK2="wrk -t2 -c$CONNS -d${DUR}s --latency"
+  for rep in $(seq 1 "$REPS"); do
+    echo "two threads, repetition $rep/$REPS" >&2
+    run "$rep" h1-2threads tether $T2_PID -- $WRK2 -H "Cookie: $T2_COOKIE" "http://127.0.0.1:$T2_HTTP/"
+    run "$rep" h1-2threads haproxy $H2_PID -- $WRK2 -H "Cookie: $H2_COOKIE" "http://127.0.0.1:$H2_HTTP/"
+  done
+  kill "$T2_PID" "$H2_PID" 2>/dev/null || true
+fi
+
 # Live pins: PINS requests without a cookie each open a new session (a pin
 # held in memory for its 24 h); tether's RSS before and after.
 PINS=${PINS:-100000}
@@ -260,7 +294,7 @@ echo
 echo "(h2-tls: h2load prints no percentiles; the p50 column is its mean, p99 its max)"
 echo
 echo "tether / peer, req/s per repetition, and the median (higher is better):"
-for scen in h1-sticky tls-keepalive h2-tls tls-new-conn; do
+for scen in h1-sticky tls-keepalive h2-tls tls-new-conn h1-2threads; do
   for peer in haproxy nginx; do
     awk -F'\t' -v s="$scen" -v p="$peer" '
       $2==s && $3=="tether" {t[$1]=$4}
@@ -275,7 +309,7 @@ for scen in h1-sticky tls-keepalive h2-tls tls-new-conn; do
 done
 echo
 echo "tether CPU us/request vs peer, median of repetitions (lower is better):"
-for scen in h1-sticky tls-keepalive h2-tls tls-new-conn; do
+for scen in h1-sticky tls-keepalive h2-tls tls-new-conn h1-2threads; do
   awk -F'\t' -v s="$scen" '
     $2==s && $7!="-" {c[$3]=c[$3] " " $7}
     END { for (p in c) printf "  %-14s %-8s%s\n", s, p, c[p] }' "$RESULTS" | sort

@@ -6,7 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rustls::crypto::ring;
+// ring by default; aws-lc-rs with the `aws-lc-rs` feature (compared in the
+// README's Performance section).
+#[cfg(feature = "aws-lc-rs")]
+use rustls::crypto::aws_lc_rs as provider;
+#[cfg(not(feature = "aws-lc-rs"))]
+use rustls::crypto::ring as provider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert};
@@ -47,7 +52,7 @@ pub enum TlsError {
 
 /// Builds the rustls server config for `[tls]`.
 pub fn server_config(tls: &Tls) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = Arc::new(ring::default_provider());
+    let crypto = Arc::new(provider::default_provider());
     let default = load_key("tls.cert", &tls.cert, "tls.key", &tls.key)?;
     let mut by_name = HashMap::new();
     for (i, sni) in tls.sni.iter().enumerate() {
@@ -59,7 +64,7 @@ pub fn server_config(tls: &Tls) -> Result<Arc<ServerConfig>, TlsError> {
         )?;
         by_name.insert(sni.name.to_ascii_lowercase(), key);
     }
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    let mut cfg = ServerConfig::builder_with_provider(crypto)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver { default, by_name }));
@@ -95,7 +100,7 @@ fn load_key(
     }
     let private =
         PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key_key, key, e.to_string()))?;
-    let signing = ring::sign::any_supported_type(&private)
+    let signing = provider::sign::any_supported_type(&private)
         .map_err(|e| pem_err(key_key, key, e.to_string()))?;
     let certified = CertifiedKey::new(chain, signing);
     match certified.keys_match() {
