@@ -254,7 +254,12 @@ impl Pool {
 
 /// Drops the entries idle for `idle_timeout` or longer (a prefix).
 fn expire(idle: &mut Vec<Idle>, now: Instant, idle_timeout: Duration) {
-    let n = idle.partition_point(|e| now.saturating_duration_since(e.since) >= idle_timeout);
+    let expired = |e: &Idle| now.saturating_duration_since(e.since) >= idle_timeout;
+    // Usually the oldest is fresh, and so are all the others.
+    if !idle.first().is_some_and(expired) {
+        return;
+    }
+    let n = idle.partition_point(expired);
     idle.drain(..n);
 }
 
