@@ -171,26 +171,40 @@ fn connection_has(h: &HeaderMap, token: &str) -> bool {
 /// With `keep_upgrade`, `Upgrade` and `Connection: upgrade` survive (the
 /// upgrade handshake must reach the other side).
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    if h.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-            .collect();
-        for name in named {
+    // One pass over the few names a message carries, instead of a hash
+    // lookup for each of the nine that are usually absent.
+    let present = h
+        .keys()
+        .any(|k| k == header::UPGRADE || HOP_BY_HOP.contains(k));
+    if present {
+        if h.contains_key(header::CONNECTION) {
+            // `close` names no header and `keep-alive` goes below: neither
+            // is parsed into a (custom, allocated) header name.
+            let named: Vec<HeaderName> = h
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .filter(|t| {
+                    !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive")
+                })
+                .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+                .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+                .collect();
+            for name in named {
+                h.remove(name);
+            }
+        }
+        for name in &HOP_BY_HOP {
             h.remove(name);
         }
-    }
-    for name in &HOP_BY_HOP {
-        h.remove(name);
+        if !keep_upgrade {
+            h.remove(header::UPGRADE);
+        }
     }
     if keep_upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        h.remove(header::UPGRADE);
     }
 }
 
@@ -293,11 +307,20 @@ impl Peer {
 pub fn rewrite_request(h: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue>) {
     let xff = peer.forwarded_for(h);
     let client = peer.client(h);
-    for name in &FORWARDING {
-        h.remove(name);
+    // One pass over the names present; most requests carry none of these.
+    let (forwarding, tether) = h.keys().fold((false, false), |(f, t), k| {
+        (f || FORWARDING.contains(k), t || is_tether_header(k))
+    });
+    if forwarding {
+        for name in &FORWARDING {
+            h.remove(name);
+        }
     }
     // Every Tether-* header is ours to set; a client's copy is dropped.
-    while let Some(name) = h.keys().find(|k| is_tether_header(k)).cloned() {
+    while tether {
+        let Some(name) = h.keys().find(|k| is_tether_header(k)).cloned() else {
+            break;
+        };
         h.remove(name);
     }
     if let Some(v) = xff {

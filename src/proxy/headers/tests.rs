@@ -85,6 +85,48 @@ fn strips_hop_by_hop_and_connection_named_headers() {
 }
 
 #[test]
+fn strip_finds_each_hop_by_hop_header_alone_and_leaves_others_untouched() {
+    let plain = [("host", "t"), ("accept", "*/*"), ("x-kept", "yes")];
+    let mut h = map(&plain);
+    strip_hop_by_hop(&mut h, false);
+    assert_eq!(h, map(&plain));
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        let mut h = map(&[("x-kept", "yes"), (name, "close, X-Secret")]);
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        let want: &[&str] = if name == "connection" {
+            &["x-kept"]
+        } else {
+            &["x-kept", "x-secret"]
+        };
+        assert_eq!(left, want, "{name}");
+    }
+}
+
+#[test]
+fn a_lone_tether_header_or_forwarding_header_is_replaced() {
+    let peer = Peer::new("192.0.2.7:4000".parse().unwrap(), false);
+    let mut h = map(&[("tether-session", "forged"), ("x-kept", "yes")]);
+    rewrite_request(&mut h, &peer, None);
+    assert!(h.get("tether-session").is_none());
+    let mut h = map(&[("x-real-ip", "6.6.6.6"), ("x-kept", "yes")]);
+    rewrite_request(&mut h, &peer, None);
+    assert!(h.get("x-real-ip").is_none());
+    assert_eq!(h.get("x-forwarded-for").unwrap(), "192.0.2.7");
+}
+
+#[test]
 fn forwarding_headers_are_replaced_from_the_socket() {
     let mut h = map(&[
         ("x-forwarded-for", "6.6.6.6"),
