@@ -317,11 +317,10 @@ pub fn rewrite_request(h: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue
         }
     }
     // Every Tether-* header is ours to set; a client's copy is dropped.
-    while tether {
-        let Some(name) = h.keys().find(|k| is_tether_header(k)).cloned() else {
-            break;
-        };
-        h.remove(name);
+    if tether {
+        while let Some(name) = h.keys().find(|k| is_tether_header(k)).cloned() {
+            h.remove(name);
+        }
     }
     if let Some(v) = xff {
         h.insert(FORWARDING[0].clone(), v);
