@@ -182,7 +182,9 @@ impl Upstream {
         loop {
             let (mut conn, reused) = match pooled.take() {
                 Some(conn) => (conn, true),
-                None => (self.connect(endpoint, s).await?, false),
+                // Boxed: the connect path is rare and its future large;
+                // inline, every request's future would carry (and copy) it.
+                None => (Box::pin(self.connect(endpoint, s)).await?, false),
             };
             if let (Expect::Instance(want), Some(seen)) = (expect, &conn.instance) {
                 if **seen != *want {
