@@ -76,7 +76,8 @@ async fn overview_and_moves_report_a_worker_loss_and_the_move_it_caused() {
     // capture: the kill follows the first answer at once, and with the
     // default async capture a turn not yet pulled when its worker dies is
     // the documented window (a `partial` move), not what this test is about.
-    let extra = "[health]\ninterval = \"100ms\"\nfall = 2\nrise = 2\n\n[state]\ncapture = \"sync\"\n";
+    let extra =
+        "[health]\ninterval = \"100ms\"\nfall = 2\nrise = 2\n\n[state]\ncapture = \"sync\"\n";
     let t = Tether::start(&ref_config(&[&a, &b], extra)).await;
     let o = json(&t, "/api/overview").await;
     assert_eq!(o["workers"].as_array().unwrap().len(), 2);
