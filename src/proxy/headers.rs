@@ -1,6 +1,7 @@
 //! Header hygiene: request-smuggling checks, hop-by-hop stripping both
 //! ways, and the headers tether sets for workers.
 
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -273,14 +274,10 @@ impl Peer {
     /// address of its `X-Forwarded-For` that is not in a trusted network.
     fn client(&self, h: &HeaderMap) -> Option<IpAddr> {
         let trusted = self.trusted.as_ref()?;
-        let items: Vec<&str> = h
-            .get_all(&FORWARDING[0])
+        h.get_all(&FORWARDING[0])
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .collect();
-        items
-            .iter()
             .rev()
             .map(|item| item.trim().parse::<IpAddr>().ok())
             .find(|ip| !ip.is_some_and(|ip| trusted.iter().any(|n| n.contains(&ip))))
@@ -316,12 +313,11 @@ pub fn rewrite_request(h: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue
     match client {
         // Behind a trusted proxy, `for=` names the client it forwarded.
         Some(ip) => {
-            let proto = if peer.tls { "https" } else { "http" };
-            let f = match ip.to_canonical() {
-                IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
-                IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={proto}"),
+            // Writing into a Vec cannot fail.
+            let _ = match ip.to_canonical() {
+                IpAddr::V4(v4) => write!(forwarded, "for={v4};proto={proto}"),
+                IpAddr::V6(v6) => write!(forwarded, "for=\"[{v6}]\";proto={proto}"),
             };
-            forwarded.extend_from_slice(f.as_bytes());
         }
         None => forwarded.extend_from_slice(peer.forwarded.as_bytes()),
     }
