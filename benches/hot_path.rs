@@ -88,8 +88,8 @@ fn decision(c: &mut Criterion) {
     // its life, look the worker up, run the table.
     c.bench_function("pin/decide_kept", |b| {
         b.iter(|| {
-            let values = cookies::find(black_box(&h), "tether");
-            let p = codec.open(values[0]).unwrap();
+            let value = cookies::find(black_box(&h), "tether").next().unwrap();
+            let p = codec.open(value).unwrap();
             let alive = life.is_alive(&p, 1_800_000_100);
             let state = backends.get("worker-0").map(|b| {
                 if b.is_usable() {

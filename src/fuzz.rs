@@ -88,9 +88,8 @@ pub fn cookie_header(data: &[u8]) {
             headers.append(COOKIE, v);
         }
     }
-    let found = cookies::find(&headers, COOKIE_NAME);
     let codec = codec();
-    for value in &found {
+    for value in cookies::find(&headers, COOKIE_NAME) {
         // What the router does with each value found.
         let _ = codec.open(value);
     }
@@ -107,7 +106,10 @@ pub fn cookie_header(data: &[u8]) {
     };
     let before = others(&headers);
     cookies::strip(&mut headers, COOKIE_NAME);
-    assert!(cookies::find(&headers, COOKIE_NAME).is_empty(), "left in");
+    assert!(
+        cookies::find(&headers, COOKIE_NAME).next().is_none(),
+        "left in"
+    );
     assert_eq!(others(&headers), before, "other cookies changed");
 }
 

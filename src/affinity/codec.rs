@@ -2,8 +2,8 @@
 //! with the cookie name as associated data (a value cannot be replayed under
 //! another cookie name). The first key seals, every key opens (rotation).
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hkdf::Hkdf;
@@ -20,6 +20,9 @@ const TAG_LEN: usize = 16;
 const FIXED_LEN: usize = 1 + 16 + 8 + 8 + 8;
 /// Longest cookie value we try to open; anything longer is garbage.
 const MAX_VALUE_LEN: usize = 1024;
+/// What the longest value decodes to: a request's cookie is opened on the
+/// stack, in buffers of this size.
+const MAX_SEALED_LEN: usize = MAX_VALUE_LEN / 4 * 3;
 const HKDF_INFO: &[u8] = b"tether affinity cookie v1";
 
 /// Why a cookie value did not open. Each reason is a metric label.
@@ -148,28 +151,33 @@ impl Codec {
         if value.len() > MAX_VALUE_LEN {
             return Err(RejectReason::Malformed);
         }
-        let raw = URL_SAFE_NO_PAD
-            .decode(value.as_bytes())
+        let mut raw = [0; MAX_SEALED_LEN];
+        let len = URL_SAFE_NO_PAD
+            .decode_slice(value.as_bytes(), &mut raw)
             .map_err(|_| RejectReason::Malformed)?;
+        let raw = &raw[..len];
         if raw.len() < NONCE_LEN + TAG_LEN + FIXED_LEN {
             return Err(RejectReason::Malformed);
         }
         let (nonce, sealed) = raw.split_at(NONCE_LEN);
-        let plain = self
-            .ciphers
-            .iter()
-            .find_map(|c| {
-                c.decrypt(
-                    Nonce::from_slice(nonce),
-                    Payload {
-                        msg: sealed,
-                        aad: self.name.as_bytes(),
-                    },
-                )
-                .ok()
-            })
-            .ok_or(RejectReason::Undecryptable)?;
-        decode_record(&plain).ok_or(RejectReason::BadRecord)
+        let (sealed, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+        let mut plain = [0; MAX_SEALED_LEN];
+        let plain = &mut plain[..sealed.len()];
+        // Each key decrypts a fresh copy: a failed try leaves nothing behind.
+        let opened = self.ciphers.iter().any(|c| {
+            plain.copy_from_slice(sealed);
+            c.decrypt_in_place_detached(
+                Nonce::from_slice(nonce),
+                self.name.as_bytes(),
+                plain,
+                Tag::from_slice(tag),
+            )
+            .is_ok()
+        });
+        if !opened {
+            return Err(RejectReason::Undecryptable);
+        }
+        decode_record(plain).ok_or(RejectReason::BadRecord)
     }
 }
 

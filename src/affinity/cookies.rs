@@ -6,20 +6,16 @@ use http::header::{HeaderMap, HeaderValue, COOKIE};
 use crate::config::{Affinity, SameSite, SecureMode};
 
 /// The values of every cookie named `name` in the request's `Cookie`
-/// headers (HTTP/2 may split cookies over several headers).
-pub fn find<'a>(headers: &'a HeaderMap, name: &str) -> Vec<&'a str> {
-    let mut found = Vec::new();
-    for value in headers.get_all(COOKIE) {
-        let Ok(text) = value.to_str() else { continue };
-        for pair in text.split(';') {
-            if let Some((k, v)) = pair.trim().split_once('=') {
-                if k.trim() == name {
-                    found.push(v.trim().trim_matches('"'));
-                }
-            }
-        }
-    }
-    found
+/// headers (HTTP/2 may split cookies over several headers), in order.
+pub fn find<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|text| text.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(move |(k, _)| k.trim() == name)
+        .map(|(_, v)| v.trim().trim_matches('"'))
 }
 
 /// Removes every cookie named `name` from the `Cookie` headers, keeping the

@@ -14,6 +14,7 @@ mod tests;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use raw::RawConfig;
@@ -285,8 +286,9 @@ pub struct Discovery {
 /// `[health]`
 #[derive(Debug, Clone)]
 pub struct Health {
-    /// Probe path (default `/health`).
-    pub path: String,
+    /// Probe path (default `/health`); shared, as every request's
+    /// [`crate::upstream::Settings`] holds it.
+    pub path: Arc<str>,
     /// Probe interval (default 2 s).
     pub interval: Duration,
     /// Probe timeout (default 1 s).

@@ -72,7 +72,7 @@ fn minimal_config_gets_the_documented_defaults() {
     );
     assert_eq!(c.backends[0].weight, 1);
     let h = &c.health;
-    assert_eq!((h.path.as_str(), h.fall, h.rise), ("/health", 3, 2));
+    assert_eq!((&*h.path, h.fall, h.rise), ("/health", 3, 2));
     assert_eq!((h.interval, h.timeout), (secs(2), secs(1)));
     assert_eq!((c.passive.failures, c.passive.cooldown), (3, secs(30)));
     assert_eq!(c.drain.timeout, secs(600));

@@ -271,7 +271,7 @@ fn discovery(d: &RawDiscovery) -> R<Discovery> {
 
 fn health(h: &RawHealth) -> R<Health> {
     Ok(Health {
-        path: abs_path("health.path", &h.path)?,
+        path: abs_path("health.path", &h.path)?.into(),
         interval: dur_pos("health.interval", &h.interval)?,
         timeout: dur_pos("health.timeout", &h.timeout)?,
         fall: int("health.fall", h.fall, 1, 1000)?,

@@ -624,7 +624,7 @@ fn upstream_request(
     *req.uri_mut() = upstream::origin_form(path);
     *req.version_mut() = Version::HTTP_11;
     let h = req.headers_mut();
-    *h = parts.headers.clone();
+    *h = worker_headers(&parts.headers);
     headers::rewrite_request(h, out.peer, out.host);
     cookies::strip(h, out.cookie);
     match out.host {
@@ -637,6 +637,22 @@ fn upstream_request(
     }
     h.insert(TETHER_EPOCH, HeaderValue::from(route.pin.epoch));
     req
+}
+
+/// Headers `upstream_request` may add to the client's: `X-Forwarded-For`,
+/// `-Proto`, `-Host`, `Forwarded`, `Host`, `Tether-Session`, `Tether-Epoch`.
+const ADDED_HEADERS: usize = 7;
+
+/// A copy of the client's headers with room for [`ADDED_HEADERS`]: a clone
+/// is full, and would reallocate as each added header goes in.
+fn worker_headers(client: &HeaderMap) -> HeaderMap {
+    let Ok(mut h) = HeaderMap::try_with_capacity(client.len() + ADDED_HEADERS) else {
+        return client.clone();
+    };
+    for (name, value) in client {
+        h.append(name.clone(), value.clone());
+    }
+    h
 }
 
 /// Whether a response is a Server-Sent Events stream (never held back).

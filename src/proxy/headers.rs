@@ -1,6 +1,7 @@
 //! Header hygiene: request-smuggling checks, hop-by-hop stripping both
 //! ways, and the headers tether sets for workers.
 
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -287,14 +288,10 @@ impl Peer {
     /// address of its `X-Forwarded-For` that is not in a trusted network.
     fn client(&self, h: &HeaderMap) -> Option<IpAddr> {
         let trusted = self.trusted.as_ref()?;
-        let items: Vec<&str> = h
-            .get_all(&FORWARDING[0])
+        h.get_all(&FORWARDING[0])
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .collect();
-        items
-            .iter()
             .rev()
             .map(|item| item.trim().parse::<IpAddr>().ok())
             .find(|ip| !ip.is_some_and(|ip| trusted.iter().any(|n| n.contains(&ip))))
@@ -338,12 +335,11 @@ pub fn rewrite_request(h: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue
     match client {
         // Behind a trusted proxy, `for=` names the client it forwarded.
         Some(ip) => {
-            let proto = if peer.tls { "https" } else { "http" };
-            let f = match ip.to_canonical() {
-                IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
-                IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={proto}"),
+            // Writing into a Vec cannot fail.
+            let _ = match ip.to_canonical() {
+                IpAddr::V4(v4) => write!(forwarded, "for={v4};proto={proto}"),
+                IpAddr::V6(v6) => write!(forwarded, "for=\"[{v6}]\";proto={proto}"),
             };
-            forwarded.extend_from_slice(f.as_bytes());
         }
         None => forwarded.extend_from_slice(peer.forwarded.as_bytes()),
     }
@@ -364,53 +360,104 @@ pub fn rewrite_request(h: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue
 /// case. (`/%5Ftether/x`, `//_tether/x`, `/_TETHER/x`, `/_tether%2Fx`,
 /// `/_tether;p/x` and `/a/../_tether/x` all are.)
 pub fn is_reserved(path: &str, prefix: &str) -> bool {
-    let mut decoded = Vec::with_capacity(path.len());
-    let bytes = path.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = match bytes[i] {
-            b'%' => match path
-                .get(i + 1..i + 3)
+    let wanted = || prefix.split('/').filter(|seg| !seg.is_empty());
+    // Walked without a copy of the path: only the depth of the resolved
+    // path matters, and how many of its leading segments match `wanted`.
+    let (mut depth, mut matched) = (0usize, 0);
+    for seg in segments(path.as_bytes()) {
+        // Servlet containers drop `;parameters` from a segment.
+        let seg = seg.take_while(|&b| b != b';');
+        match dots(seg.clone()) {
+            Some(0 | 1) => {}
+            Some(_) => {
+                depth = depth.saturating_sub(1);
+                matched = matched.min(depth);
+            }
+            None => {
+                let same = |w: &str| seg.clone().eq(w.bytes().map(|b| b.to_ascii_lowercase()));
+                if matched == depth && wanted().nth(depth).is_some_and(same) {
+                    matched += 1;
+                }
+                depth += 1;
+            }
+        }
+    }
+    matched > 0 && matched == wanted().count()
+}
+
+/// A path's bytes the way a router reads them: percent-decoded,
+/// lowercase, backslashes as slashes.
+#[derive(Clone)]
+struct Decoded<'a> {
+    raw: &'a [u8],
+    at: usize,
+}
+
+impl Iterator for Decoded<'_> {
+    type Item = u8;
+
+    fn next(&mut self) -> Option<u8> {
+        let b = match *self.raw.get(self.at)? {
+            b'%' => match self
+                .raw
+                .get(self.at + 1..self.at + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
             {
                 Some(v) => {
-                    i += 2;
+                    self.at += 2;
                     v
                 }
                 None => b'%',
             },
             b => b,
         };
-        decoded.push(if b == b'\\' {
+        self.at += 1;
+        Some(if b == b'\\' {
             b'/'
         } else {
             b.to_ascii_lowercase()
-        });
-        i += 1;
+        })
     }
-    let mut canonical: Vec<&[u8]> = Vec::new();
-    for seg in decoded.split(|&b| b == b'/') {
-        // Servlet containers drop `;parameters` from a segment.
-        let seg = seg.split(|&b| b == b';').next().unwrap_or(seg);
-        match seg {
-            b"" | b"." => {}
-            b".." => {
-                canonical.pop();
+}
+
+/// The segments of a path, split at every `/` it decodes to. An escape
+/// never spans a split, so each segment decodes on its own.
+fn segments(path: &[u8]) -> impl Iterator<Item = Decoded<'_>> {
+    let mut rest = Some(Decoded { raw: path, at: 0 });
+    std::iter::from_fn(move || {
+        let mut d = rest.take()?;
+        let start = d.at;
+        loop {
+            let end = d.at;
+            match d.next() {
+                Some(b'/') => {
+                    let seg = &path[start..end];
+                    rest = Some(d);
+                    return Some(Decoded { raw: seg, at: 0 });
+                }
+                Some(_) => {}
+                None => {
+                    return Some(Decoded {
+                        raw: &path[start..],
+                        at: 0,
+                    })
+                }
             }
-            seg => canonical.push(seg),
         }
+    })
+}
+
+/// `Some(n)` for a segment of `n` dots, `n` ≤ 2 (empty, `.` or `..`).
+fn dots(seg: impl Iterator<Item = u8>) -> Option<usize> {
+    let mut n = 0;
+    for b in seg {
+        if b != b'.' || n == 2 {
+            return None;
+        }
+        n += 1;
     }
-    let wanted: Vec<Vec<u8>> = prefix
-        .split('/')
-        .filter(|seg| !seg.is_empty())
-        .map(|seg| seg.to_ascii_lowercase().into_bytes())
-        .collect();
-    !wanted.is_empty()
-        && canonical.len() >= wanted.len()
-        && canonical
-            .iter()
-            .zip(&wanted)
-            .all(|(a, b)| *a == b.as_slice())
+    Some(n)
 }
 
 /// Whether a request may be sent again after it reached a worker.

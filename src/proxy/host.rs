@@ -58,6 +58,29 @@ pub fn effective_host<B>(req: &Request<B>, peer: &Peer) -> Result<Option<HeaderV
 
 /// `uri-host [ ":" port ]`, no user info, no path, no empty host.
 fn valid_authority(v: &[u8]) -> Result<(), HostError> {
+    // The common case is checked here: `Authority` copies what it parses.
+    if is_plain(v) {
+        return Ok(());
+    }
+    parsed_authority(v)
+}
+
+/// `name [ ":" digits ]` with a name of letters, digits, `-` and `.`: an
+/// authority [`parsed_authority`] accepts too.
+fn is_plain(v: &[u8]) -> bool {
+    let (name, port) = match v.iter().position(|&b| b == b':') {
+        Some(i) => (&v[..i], &v[i + 1..]),
+        None => (v, &[][..]),
+    };
+    !name.is_empty()
+        && name
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && port.iter().all(u8::is_ascii_digit)
+}
+
+/// [`valid_authority`] for any authority, by `http`'s parser.
+fn parsed_authority(v: &[u8]) -> Result<(), HostError> {
     if v.is_empty() || v.contains(&b'@') {
         return Err(HostError::Invalid);
     }
@@ -144,6 +167,15 @@ mod tests {
             host(Version::HTTP_2, "https://c/x", &["a"]),
             Ok(Some("c".into()))
         );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_plain_authority_is_one_the_parser_accepts(v in "[a-zA-Z0-9.:-]{0,12}") {
+            if is_plain(v.as_bytes()) {
+                proptest::prop_assert_eq!(parsed_authority(v.as_bytes()), Ok(()));
+            }
+        }
     }
 
     #[test]

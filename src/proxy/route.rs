@@ -338,8 +338,7 @@ impl Proxy {
                     return (Ok(pin), Binding::Key(key.to_owned()));
                 }
                 KeySource::Cookie => {
-                    let values = cookies::find(h, live.codec.name());
-                    for value in values {
+                    for value in cookies::find(h, live.codec.name()) {
                         match live.codec.open_alive(value, &live.lifetimes, now) {
                             Ok(pin) => return (Ok(Some(pin)), Binding::Cookie),
                             Err(reason) => rejected = Some(reason),
@@ -360,9 +359,9 @@ impl Proxy {
 fn balance_key(h: &HeaderMap, live: &Live, session: &SessionId) -> Vec<u8> {
     let found = match &live.config.balance.key {
         Some(BalanceKey::Header(name)) => h.get(name).map(|v| v.as_bytes().to_vec()),
-        Some(BalanceKey::Cookie(name)) => cookies::find(h, name)
-            .first()
-            .map(|v| v.as_bytes().to_vec()),
+        Some(BalanceKey::Cookie(name)) => {
+            cookies::find(h, name).next().map(|v| v.as_bytes().to_vec())
+        }
         None => None,
     };
     found

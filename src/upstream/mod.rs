@@ -79,7 +79,7 @@ pub(crate) struct Settings {
     /// How long an idle connection is kept.
     pub idle_timeout: Duration,
     /// The health path, probed on every new connection.
-    pub verify_path: String,
+    pub verify_path: Arc<str>,
     /// Idle connections kept per endpoint.
     pub max_idle: usize,
     /// Response head size limit.

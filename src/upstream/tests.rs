@@ -26,7 +26,7 @@ fn settings() -> Settings {
     Settings {
         connect_timeout: Duration::from_secs(2),
         idle_timeout: Duration::from_secs(60),
-        verify_path: "/health".to_owned(),
+        verify_path: "/health".into(),
         max_idle: super::MAX_IDLE,
         max_response_head: 16 * 1024,
     }

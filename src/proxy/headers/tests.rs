@@ -194,6 +194,76 @@ fn reserved_prefix_in_every_spelling_a_router_might_decode() {
     assert!(!is_reserved("/internal/x", "/internal/state"));
 }
 
+/// The reserved-path check as first written (copies of the decoded path
+/// and its segments): the allocation-free walk must agree with it.
+fn reserved_by_copying(path: &str, prefix: &str) -> bool {
+    let mut decoded = Vec::new();
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = match bytes[i] {
+            b'%' => match path
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                Some(v) => {
+                    i += 2;
+                    v
+                }
+                None => b'%',
+            },
+            b => b,
+        };
+        decoded.push(if b == b'\\' {
+            b'/'
+        } else {
+            b.to_ascii_lowercase()
+        });
+        i += 1;
+    }
+    let mut canonical: Vec<&[u8]> = Vec::new();
+    for seg in decoded.split(|&b| b == b'/') {
+        let seg = seg.split(|&b| b == b';').next().unwrap_or(seg);
+        match seg {
+            b"" | b"." => {}
+            b".." => {
+                canonical.pop();
+            }
+            seg => canonical.push(seg),
+        }
+    }
+    let wanted: Vec<Vec<u8>> = prefix
+        .split('/')
+        .filter(|seg| !seg.is_empty())
+        .map(|seg| seg.to_ascii_lowercase().into_bytes())
+        .collect();
+    !wanted.is_empty()
+        && canonical.len() >= wanted.len()
+        && canonical
+            .iter()
+            .zip(&wanted)
+            .all(|(a, b)| *a == b.as_slice())
+}
+
+proptest::proptest! {
+    #[test]
+    fn reserved_walk_agrees_with_the_copying_check(
+        parts in proptest::collection::vec(proptest::sample::select(vec![
+            "/", "//", "\\", ".", "..", "%2e", "%2E%2e", "%2F", "%5C", "%5F", "%5f", "%", "%2",
+            "%+f", "%é", "é", ";", ";p=1", "_", "_tether", "_TETHER", "tether", "internal",
+            "State", "x", "a%",
+        ]), 0..12),
+        prefix in proptest::sample::select(vec!["/_tether", "/internal/state", "/", "", "_tether/x/"]),
+    ) {
+        let path = parts.concat();
+        proptest::prop_assert_eq!(
+            is_reserved(&path, prefix),
+            reserved_by_copying(&path, prefix),
+            "{} under {}", path, prefix
+        );
+    }
+}
+
 #[test]
 fn response_framing_is_a_length_or_plain_chunked() {
     use ResponseFraming::*;
