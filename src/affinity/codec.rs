@@ -2,6 +2,9 @@
 //! with the cookie name as associated data (a value cannot be replayed under
 //! another cookie name). The first key seals, every key opens (rotation).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
 use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -58,6 +61,9 @@ impl RejectReason {
 pub struct Codec {
     ciphers: Vec<Aes256Gcm>,
     name: String,
+    /// Unique per codec made (a reload makes a new one): what an
+    /// [`OpenCache`] entry was opened with.
+    id: u64,
 }
 
 impl std::fmt::Debug for Codec {
@@ -85,9 +91,11 @@ impl Codec {
                 Aes256Gcm::new(&okm.into())
             })
             .collect();
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Codec {
             ciphers,
             name: cookie_name.to_owned(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         }
     }
 
@@ -145,6 +153,32 @@ impl Codec {
         }
     }
 
+    /// [`Codec::open_alive`] through a connection's [`OpenCache`]: a value
+    /// equal to the one this codec last opened for the connection is not
+    /// decoded and decrypted again (a kept-alive client sends the same
+    /// cookie with every request). Its life is checked every time.
+    pub fn open_alive_cached(
+        &self,
+        value: &str,
+        lifetimes: &Lifetimes,
+        now: u64,
+        cache: &OpenCache,
+    ) -> Result<Pin, RejectReason> {
+        let pin = match cache.get(self.id, value) {
+            Some(pin) => pin,
+            None => {
+                let pin = self.open(value)?;
+                cache.put(self.id, value, &pin);
+                pin
+            }
+        };
+        if lifetimes.is_alive(&pin, now) {
+            Ok(pin)
+        } else {
+            Err(RejectReason::Expired)
+        }
+    }
+
     /// Opens a cookie value without looking at its expiry (see
     /// [`Codec::open_alive`]).
     pub fn open(&self, value: &str) -> Result<Pin, RejectReason> {
@@ -178,6 +212,40 @@ impl Codec {
             return Err(RejectReason::Undecryptable);
         }
         decode_record(plain).ok_or(RejectReason::BadRecord)
+    }
+}
+
+/// The last cookie value a connection presented that opened, with its pin
+/// and the codec that opened it. Only a byte-identical value under the
+/// same codec is answered from here: the same ciphertext under the same
+/// keys opens to the same pin.
+#[derive(Debug, Default)]
+pub struct OpenCache(Mutex<Option<Opened>>);
+
+#[derive(Debug)]
+struct Opened {
+    codec: u64,
+    value: Box<str>,
+    pin: Pin,
+}
+
+impl OpenCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Opened>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, codec: u64, value: &str) -> Option<Pin> {
+        let cached = self.lock();
+        let hit = cached.as_ref()?;
+        (hit.codec == codec && *hit.value == *value).then(|| hit.pin.clone())
+    }
+
+    fn put(&self, codec: u64, value: &str, pin: &Pin) {
+        *self.lock() = Some(Opened {
+            codec,
+            value: value.into(),
+            pin: pin.clone(),
+        });
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use rand::RngCore;
 
-pub use codec::{Codec, RejectReason};
+pub use codec::{Codec, OpenCache, RejectReason};
 
 /// 128 random bits naming one user's conversation session.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

@@ -95,6 +95,42 @@ fn values_are_opened_on_the_stack_up_to_their_longest() {
 }
 
 #[test]
+fn the_open_cache_answers_only_the_same_value_under_the_same_codec_and_checks_life() {
+    let day = Lifetimes {
+        ttl: Duration::from_secs(86_400),
+        idle_timeout: None,
+        refresh: Duration::from_secs(3600),
+    };
+    let c = Codec::new(&[key(1)], "tether");
+    let cache = OpenCache::default();
+    let p = pin(1000);
+    let value = c.seal(&p);
+    assert_eq!(c.open_alive_cached(&value, &day, 1000, &cache), Ok(p.clone()));
+    assert_eq!(c.open_alive_cached(&value, &day, 2000, &cache), Ok(p.clone()));
+    // A hit is still checked for life.
+    assert_eq!(
+        c.open_alive_cached(&value, &day, 1000 + 86_400, &cache),
+        Err(RejectReason::Expired)
+    );
+    // Another value is opened, not answered from the cache.
+    let mut tampered = value.clone().into_bytes();
+    tampered[value.len() / 2] ^= 1;
+    let tampered = String::from_utf8(tampered).unwrap();
+    assert_ne!(
+        c.open_alive_cached(&tampered, &day, 1000, &cache).ok(),
+        Some(p.clone())
+    );
+    // A reload with other keys makes a new codec: the value cached under
+    // the old one must not open under it.
+    assert_eq!(c.open_alive_cached(&value, &day, 1000, &cache), Ok(p.clone()));
+    let reloaded = Codec::new(&[key(2)], "tether");
+    assert_eq!(
+        reloaded.open_alive_cached(&value, &day, 1000, &cache),
+        Err(RejectReason::Undecryptable)
+    );
+}
+
+#[test]
 fn a_cookie_is_bound_to_its_name() {
     let a = Codec::new(&[key(1)], "tether");
     let b = Codec::new(&[key(1)], "other");

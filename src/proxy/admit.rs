@@ -67,7 +67,7 @@ impl Proxy {
         let mut reroutes = 0;
         loop {
             let workers = self.0.workers.snapshot();
-            let mut route = self.route(req.headers(), live, &workers, trace)?;
+            let mut route = self.route(req.headers(), peer, live, &workers, trace)?;
             trace.session = Some(route.pin.session);
             if reroutes == 0 {
                 self.check_rates(req, peer, &route)?;

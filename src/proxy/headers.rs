@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 
+use crate::affinity::OpenCache;
 use crate::wire::is_tether_header;
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
@@ -211,7 +212,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 
 /// What the proxy knows about the client connection, with the forwarding
 /// values that depend only on it formatted once per connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Peer {
     /// The client's socket address.
     pub addr: SocketAddr,
@@ -227,6 +228,8 @@ pub struct Peer {
     /// The SNI name of a named certificate (`[[tls.sni]]`) that served the
     /// connection, lowercase: requests for another host get `421`.
     pub sni: Option<Arc<str>>,
+    /// The connection's last affinity cookie and its pin.
+    pub(crate) cookie: OpenCache,
 }
 
 impl Peer {
@@ -255,6 +258,7 @@ impl Peer {
                 .any(|n| n.contains(&ip))
                 .then(|| trusted.into()),
             sni: None,
+            cookie: OpenCache::default(),
         }
     }
 

@@ -111,12 +111,13 @@ impl Proxy {
     pub(super) fn route(
         &self,
         h: &HeaderMap,
+        peer: &Peer,
         live: &Live,
         workers: &BackendSet,
         trace: &mut Trace,
     ) -> Result<Route, ProxyError> {
         let now = self.0.clock.now_unix();
-        let (found, binding) = self.find_pin(h, live, now);
+        let (found, binding) = self.find_pin(h, peer, live, now);
         let (pin, rejected) = match found {
             Ok(pin) => (pin, None),
             Err(reason) => (None, reason),
@@ -307,6 +308,7 @@ impl Proxy {
     fn find_pin(
         &self,
         h: &HeaderMap,
+        peer: &Peer,
         live: &Live,
         now: u64,
     ) -> (Result<Option<Pin>, Option<RejectReason>>, Binding) {
@@ -339,7 +341,10 @@ impl Proxy {
                 }
                 KeySource::Cookie => {
                     for value in cookies::find(h, live.codec.name()) {
-                        match live.codec.open_alive(value, &live.lifetimes, now) {
+                        let opened =
+                            live.codec
+                                .open_alive_cached(value, &live.lifetimes, now, &peer.cookie);
+                        match opened {
                             Ok(pin) => return (Ok(Some(pin)), Binding::Cookie),
                             Err(reason) => rejected = Some(reason),
                         }
