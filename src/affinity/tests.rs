@@ -105,8 +105,14 @@ fn the_open_cache_answers_only_the_same_value_under_the_same_codec_and_checks_li
     let cache = OpenCache::default();
     let p = pin(1000);
     let value = c.seal(&p);
-    assert_eq!(c.open_alive_cached(&value, &day, 1000, &cache), Ok(p.clone()));
-    assert_eq!(c.open_alive_cached(&value, &day, 2000, &cache), Ok(p.clone()));
+    assert_eq!(
+        c.open_alive_cached(&value, &day, 1000, &cache),
+        Ok(p.clone())
+    );
+    assert_eq!(
+        c.open_alive_cached(&value, &day, 2000, &cache),
+        Ok(p.clone())
+    );
     // A hit is still checked for life.
     assert_eq!(
         c.open_alive_cached(&value, &day, 1000 + 86_400, &cache),
@@ -122,7 +128,10 @@ fn the_open_cache_answers_only_the_same_value_under_the_same_codec_and_checks_li
     );
     // A reload with other keys makes a new codec: the value cached under
     // the old one must not open under it.
-    assert_eq!(c.open_alive_cached(&value, &day, 1000, &cache), Ok(p.clone()));
+    assert_eq!(
+        c.open_alive_cached(&value, &day, 1000, &cache),
+        Ok(p.clone())
+    );
     let reloaded = Codec::new(&[key(2)], "tether");
     assert_eq!(
         reloaded.open_alive_cached(&value, &day, 1000, &cache),

@@ -46,6 +46,8 @@ pub(super) struct Scanner {
     started: bool,
     /// Bytes seen, up to the length of the HTTP/2 preface.
     seen: usize,
+    /// The connection speaks HTTP/2 (its preface arrived).
+    h2: bool,
 }
 
 /// Length of the whole HTTP/2 connection preface.
@@ -62,6 +64,7 @@ impl Scanner {
             switched: Arc::new(AtomicBool::new(false)),
             started: false,
             seen: 0,
+            h2: false,
         }
     }
 
@@ -87,10 +90,13 @@ impl Scanner {
         }
     }
 
-    /// Whether the connection waits for its next request head with none of
-    /// it arrived yet (HTTP/1 only: never for HTTP/2 or after an upgrade).
-    pub(super) fn between_heads(&self) -> bool {
-        self.state == State::Head && self.started && self.line.is_empty()
+    /// Whether the keep-alive idle timeout applies while no response is
+    /// running: HTTP/1, not upgraded (a tunnel has `limits.stream_idle`),
+    /// and no head arriving (that one has `header_timeout`). Also when the
+    /// scanner gave up on an over-long line: hyper may keep such a
+    /// connection alive, and it must not live on without any deadline.
+    pub(super) fn idle_applies(&self) -> bool {
+        !self.h2 && !self.switched.load(Ordering::Relaxed) && !self.head_pending()
     }
 
     /// Feeds bytes read from the client.
@@ -150,6 +156,7 @@ impl Scanner {
                     }
                     if self.state == State::Head && self.line.starts_with(H2_PREFACE) {
                         self.state = State::Off;
+                        self.h2 = true;
                         self.seen = self.line.len() + bytes.len();
                         self.started = self.seen >= H2_PREFACE_LEN;
                         return;
@@ -167,7 +174,9 @@ impl Scanner {
             State::Head => {
                 // A head ends with an empty line; leading empty lines are
                 // tolerated before the request line.
-                let ends = self.line.ends_with(b"\r\n\r\n") || self.line.ends_with(b"\n\n");
+                // Bare LF line ends are accepted by hyper (and mixed with
+                // CRLF: `\n\r\n`), so they end a head here too.
+                let ends = self.line.ends_with(b"\n\r\n") || self.line.ends_with(b"\n\n");
                 let only_crlf = self.line.iter().all(|&c| c == b'\r' || c == b'\n');
                 if only_crlf {
                     self.line.clear();
@@ -306,7 +315,7 @@ impl<T: AsyncRead> AsyncRead for Scanned<T> {
                         "request head not complete within limits.header_timeout",
                     )));
                 }
-                if this.scanner.between_heads() && this.idle.expired(cx) {
+                if this.scanner.idle_applies() && this.idle.expired(cx) {
                     // Idle for `limits.idle_timeout`: an end of stream, so
                     // hyper closes the connection as a client's close.
                     return Poll::Ready(Ok(()));
@@ -397,11 +406,39 @@ mod tests {
         s.head_pending()
     }
 
+    fn idle_after(chunks: &[&[u8]], switched: bool) -> bool {
+        let mut s = Scanner::new(8192);
+        for c in chunks {
+            s.feed(c);
+        }
+        s.switch().store(switched, Ordering::Relaxed);
+        s.idle_applies()
+    }
+
+    #[test]
+    fn the_idle_timeout_applies_to_http1_between_requests_only() {
+        let get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(idle_after(&[get], false));
+        assert!(!idle_after(&[get], true), "an upgraded connection");
+        assert!(!idle_after(&[], false), "the first head is owed");
+        assert!(
+            !idle_after(&[get, b"GET /next"], false),
+            "a head is arriving"
+        );
+        assert!(!idle_after(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"], false));
+        // The scanner gave up on a chunk line longer than it follows.
+        let long = format!("1;a={}\r\n", "b".repeat(10_000));
+        let post = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(idle_after(&[post, long.as_bytes()], false));
+    }
+
     #[test]
     fn a_head_is_due_until_the_first_one_and_while_one_is_partial() {
         assert!(pending_after(&[]), "a fresh connection owes its first head");
         assert!(pending_after(&[b"GET / HTTP/1.1\r\n"]));
         assert!(!pending_after(&[b"GET / HTTP/1.1\r\n\r\n"]));
+        assert!(!pending_after(&[b"GET / HTTP/1.1\nHost: x\n\n"]));
+        assert!(!pending_after(&[b"GET / HTTP/1.1\nHost: x\n\r\n"]));
         assert!(pending_after(&[b"GET / HTTP/1.1\r\n\r\n", b"GET /next"]));
         // A body is not a head.
         assert!(!pending_after(&[

@@ -192,6 +192,36 @@ async fn a_response_slower_than_idle_timeout_is_served_and_idle_counts_from_its_
     t.stop().await;
 }
 
+/// On a paused clock: a chunk-size line longer than the head scanner
+/// follows (a long chunk extension, which hyper accepts up to 16 KiB) does
+/// not leave the kept-alive connection without a deadline: it is still
+/// closed after `limits.idle_timeout`.
+#[tokio::test]
+async fn a_connection_the_scanner_gave_up_on_still_idles_out() {
+    let a = Worker::start("a").await;
+    let t = Tether::start(&config_text(
+        &[&a],
+        "[limits]\nmax_header_bytes = 8192\nidle_timeout = \"5s\"\n",
+    ))
+    .await;
+    let mut s = TcpStream::connect(t.http).await.unwrap();
+    let ext = "b".repeat(10_000);
+    let req = format!(
+        "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n1;a={ext}\r\nx\r\n0\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let first = read_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first:?}");
+    tokio::time::pause();
+    let idle_from = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "still open after 60 s idle");
+    let idle = idle_from.elapsed();
+    assert!(idle < Duration::from_secs(7), "closed after {idle:?} idle");
+    t.stop().await;
+}
+
 #[tokio::test]
 async fn max_connections_refuses_new_connections_without_stalling_old_ones() {
     let a = Worker::start("a").await;

@@ -166,3 +166,26 @@ async fn stopping_tether_sends_open_websockets_a_1001_close() {
         .expect("tether did not stop")
         .unwrap();
 }
+
+/// On a paused clock: a WebSocket whose client sends nothing for longer
+/// than `limits.idle_timeout` stays open (the keep-alive idle timeout is
+/// for connections between HTTP/1 requests, not for tunnels, which have
+/// `limits.stream_idle`).
+#[tokio::test]
+async fn a_silent_client_keeps_its_websocket_past_the_idle_timeout() {
+    let w = WsWorker::start().await;
+    let extra = format!("[limits]\nidle_timeout = \"5s\"\n\n{}", w.toml());
+    let t = Tether::start(&config_text(&[], &extra)).await;
+    let mut ws = open(&t).await;
+    tokio::time::pause();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    ws.send(Message::text("still there")).await.unwrap();
+    let echo = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert_eq!(
+        echo.expect("no echo").expect("tunnel ended").unwrap(),
+        Message::text("echo: still there")
+    );
+    tokio::time::resume();
+    drop(ws);
+    t.stop().await;
+}
