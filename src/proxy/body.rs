@@ -39,11 +39,15 @@ pub struct StreamIdle(pub Duration);
 pin_project_lite::pin_project! {
     /// Ends a body with [`StreamIdle`] when no frame arrives for `idle`.
     /// A total timeout would cut long SSE streams; silence is what matters.
+    /// The timer is made at the body's first wait (most bodies never wait)
+    /// and moved only when it fires before the silence is long enough, so
+    /// a frame costs a clock read, not a timer registration.
     pub struct IdleBody<B> {
         #[pin]
         inner: B,
-        #[pin]
-        sleep: Sleep,
+        sleep: Option<Pin<Box<Sleep>>>,
+        // When the last frame arrived, once the body has waited.
+        last: Option<Instant>,
         idle: Duration,
     }
 }
@@ -53,7 +57,8 @@ impl<B> IdleBody<B> {
     pub fn new(inner: B, idle: Duration) -> Self {
         IdleBody {
             inner,
-            sleep: tokio::time::sleep(idle),
+            sleep: None,
+            last: None,
             idle,
         }
     }
@@ -71,16 +76,30 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
+        let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => {
-                let deadline = Instant::now() + *this.idle;
-                this.sleep.as_mut().reset(deadline);
+                if this.last.is_some() {
+                    *this.last = Some(Instant::now());
+                }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
-                ready!(this.sleep.poll(cx));
-                Poll::Ready(Some(Err(Box::new(StreamIdle(*this.idle)))))
+                // The silence starts now at the latest: the frame before
+                // this wait was handed out in this poll loop.
+                let last = *this.last.get_or_insert_with(Instant::now);
+                let due = last + *this.idle;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                loop {
+                    ready!(sleep.as_mut().poll(cx));
+                    if Instant::now() >= due {
+                        return Poll::Ready(Some(Err(Box::new(StreamIdle(*this.idle)))));
+                    }
+                    // Armed for an earlier silence; frames came since.
+                    sleep.as_mut().reset(due);
+                }
             }
         }
     }
@@ -333,5 +352,53 @@ impl Body for ReplayBody {
 
     fn size_hint(&self) -> SizeHint {
         self.hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+
+    /// A body fed frame by frame from a channel.
+    struct Fed(mpsc::Receiver<Bytes>);
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_lives_while_frames_come_and_ends_after_idle_silence() {
+        let (tx, rx) = mpsc::channel(4);
+        let mut body = IdleBody::new(Fed(rx), Duration::from_secs(10));
+        // A frame every 6 s for 60 s: never 10 s of silence.
+        let feeder = tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                tx.send(Bytes::from_static(b"event")).await.unwrap();
+            }
+            tx
+        });
+        for _ in 0..10 {
+            let frame = body.frame().await.unwrap();
+            assert!(frame.is_ok(), "cut while frames still came");
+        }
+        let _tx = feeder.await.unwrap();
+        let silent_from = Instant::now();
+        let end = body.frame().await.unwrap();
+        assert!(end.unwrap_err().is::<StreamIdle>());
+        let silence = silent_from.elapsed();
+        assert!(
+            silence >= Duration::from_secs(10) && silence < Duration::from_secs(11),
+            "ended after {silence:?} of silence"
+        );
     }
 }
