@@ -631,8 +631,7 @@ fn upstream_request(
         Some(host) => h.insert(HOST, host.clone()),
         None => h.insert(HOST, upstream::host_value(&route.backend.authority)),
     };
-    let session = bytes::Bytes::from(route.pin.session.to_hex().into_bytes());
-    if let Ok(v) = HeaderValue::from_maybe_shared(session) {
+    if let Some(v) = out.peer.session_header(&route.pin.session) {
         h.insert(TETHER_SESSION, v);
     }
     h.insert(TETHER_EPOCH, HeaderValue::from(route.pin.epoch));

@@ -3,14 +3,14 @@
 
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ipnet::IpNet;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 
-use crate::affinity::OpenCache;
+use crate::affinity::{OpenCache, SessionId};
 use crate::wire::is_tether_header;
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
@@ -230,6 +230,8 @@ pub struct Peer {
     pub sni: Option<Arc<str>>,
     /// The connection's last affinity cookie and its pin.
     pub(crate) cookie: OpenCache,
+    /// The connection's last `Tether-Session` value, by session.
+    session: Mutex<Option<(SessionId, HeaderValue)>>,
 }
 
 impl Peer {
@@ -259,7 +261,23 @@ impl Peer {
                 .then(|| trusted.into()),
             sni: None,
             cookie: OpenCache::default(),
+            session: Mutex::new(None),
         }
+    }
+
+    /// `Tether-Session` for `id`: the connection's previous value when it
+    /// names the same session, as a kept-alive client's requests do (a
+    /// header value owns its bytes: made anew it costs an allocation).
+    pub(crate) fn session_header(&self, id: &SessionId) -> Option<HeaderValue> {
+        let mut last = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, value)) = &*last {
+            if seen == id {
+                return Some(value.clone());
+            }
+        }
+        let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(id.to_hex())).ok()?;
+        *last = Some((*id, value.clone()));
+        Some(value)
     }
 
     /// `X-Forwarded-For` for the worker: the peer's address, after the

@@ -307,3 +307,14 @@ fn a_trusted_proxy_keeps_the_chain_and_names_the_client() {
     assert_eq!(h["x-forwarded-for"], "192.0.2.1");
     assert_eq!(h["forwarded"], "for=192.0.2.1;proto=http");
 }
+
+#[test]
+fn the_session_header_follows_the_session_it_is_asked_for() {
+    use crate::affinity::SessionId;
+    let peer = Peer::new("192.0.2.7:4000".parse().unwrap(), false);
+    let (a, b) = (SessionId([0xab; 16]), SessionId([0x01; 16]));
+    for id in [a, a, b, a] {
+        let v = peer.session_header(&id).unwrap();
+        assert_eq!(v.to_str().unwrap(), id.to_hex());
+    }
+}
