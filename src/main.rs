@@ -15,12 +15,6 @@ use tether::server::Inherited;
 use tether::upgrade::{Pending, Upgrader};
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc instead of the system allocator: a proxied request makes about
-/// two dozen small allocations (most inside hyper), and glibc's malloc and
-/// free were ~7% of the CPU per request (README, Performance).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser, Debug)]
 #[command(
     name = "tether",
