@@ -29,7 +29,7 @@ PIDS=()
 PROBES=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for e in "${PROBES[@]}"; do perf probe -q -d "$e" 2>/dev/null || true; done
+  [ ${#PROBES[@]} -eq 0 ] || perf probe -q -d 'tether_alloc:*' 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -38,11 +38,12 @@ trap cleanup EXIT
 # else glibc's.
 LIBC=$(ldd "$BIN" | awk '/libc\.so/{print $3}')
 EVENTS=()
+# -f: another probe may already sit on the same address (perf then names
+# this one with a suffix); every tether_alloc event is counted and removed.
+perf probe -q -d 'tether_alloc:*' 2>/dev/null || true
 probe() { # probe BINARY SYMBOL
-  local event="tether_alloc:$2"
-  perf probe -q -d "$event" 2>/dev/null || true
   if perf probe -q -f -x "$1" -a "tether_alloc:$2=$2" 2>/dev/null; then
-    EVENTS+=("$event"); PROBES+=("$event")
+    EVENTS+=("$2"); PROBES+=("$2")
   fi
 }
 if nm "$BIN" 2>/dev/null | grep ' T mi_malloc_aligned$' >/dev/null; then
@@ -94,8 +95,7 @@ for scen in h1 tls h2; do
   esac
   # Warm up: connections, pools and buffers exist before counting.
   "${load[@]}" -n "$N" -c "$CONNS" -H "cookie: $COOKIE" >/dev/null
-  evs=$(IFS=,; echo "${EVENTS[*]}")
-  perf stat -x, -e "$evs" -p "$T_PID" -o "$WORK/stat.$scen" &
+  perf stat -x, -e 'tether_alloc:*' -p "$T_PID" -o "$WORK/stat.$scen" &
   SP=$!
   sleep 0.5
   done_n=$("${load[@]}" -n "$N" -c "$CONNS" -H "cookie: $COOKIE" \
