@@ -78,10 +78,13 @@ async fn chat(
         .filter_map(|v| v.split(';').next())
         .find(|v| v.starts_with(&format!("{COOKIE_NAME}=")))
         .map(str::to_owned);
-    let body: Value = resp.json().await?;
+    // tether's own refusals (503, 429) are text: read before parsing, so
+    // a failure names its status and reason.
+    let text = resp.text().await?;
     if !status.is_success() {
-        return Err(format!("{status}: {body}").into());
+        return Err(format!("{message}: {status}: {text}").into());
     }
+    let body: Value = serde_json::from_str(&text)?;
     let worker = body["worker"].as_str().unwrap_or_default().to_owned();
     let len = body["history"].as_array().map_or(0, Vec::len);
     Ok((worker, len, set.or_else(|| cookie.map(str::to_owned))))
