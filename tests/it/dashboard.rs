@@ -22,6 +22,14 @@ async fn json(t: &Tether, path: &str) -> Value {
     r.json().await.unwrap()
 }
 
+/// One chat turn of the `main` thread from the user `u` (its cookie jar).
+async fn say(u: &reqwest::Client, t: &Tether, message: &str) -> reqwest::Response {
+    u.post(t.url(&format!("/chat?thread=main&message={message}")))
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_page_is_open_and_every_data_endpoint_needs_the_token() {
     let a = Ref::start("a").await;
@@ -87,14 +95,7 @@ async fn overview_and_moves_report_a_worker_loss_and_the_move_it_caused() {
     let total_before = o["requests"]["total"].as_u64().unwrap();
 
     let u = user();
-    let first: Value = u
-        .post(t.url("/chat?thread=main&message=one"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let first = say(&u, &t, "one").await.json::<Value>().await.unwrap();
     let from = first["worker"].as_str().unwrap().to_owned();
     let (gone, to) = if from == "a" { (&a, "b") } else { (&b, "a") };
     let o = json(&t, "/api/overview").await;
@@ -117,11 +118,7 @@ async fn overview_and_moves_report_a_worker_loss_and_the_move_it_caused() {
     assert_eq!(row(&o, &from)["state"], "down");
     assert!(row(&o, &from)["changed_at"].as_u64().unwrap() >= up_since);
 
-    let again = u
-        .post(t.url("/chat?thread=main&message=two"))
-        .send()
-        .await
-        .unwrap();
+    let again = say(&u, &t, "two").await;
     assert!(again.headers().get("tether-restore").is_none(), "{again:?}");
     let again: Value = again.json().await.unwrap();
     assert_eq!(again["worker"], to);
@@ -299,21 +296,10 @@ async fn a_kill_right_after_a_first_turn_is_kept_or_marked() {
         let extra = "[health]\ninterval = \"100ms\"\nfall = 2\nrise = 2\n";
         let t = Tether::start(&ref_config(&[&a, &b], extra)).await;
         let u = user();
-        let first: Value = u
-            .post(t.url("/chat?thread=main&message=one"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let first = say(&u, &t, "one").await.json::<Value>().await.unwrap();
         let gone = if first["worker"] == "a" { &a } else { &b };
         gone.kill();
-        let again = u
-            .post(t.url("/chat?thread=main&message=two"))
-            .send()
-            .await
-            .unwrap();
+        let again = say(&u, &t, "two").await;
         let status = again.status();
         let mark = again
             .headers()

@@ -131,6 +131,16 @@ async fn read_response(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
+/// On a paused clock: how long the connection stays open from now while
+/// the client sends nothing (at most 60 s, else the test fails).
+async fn idle_until_closed(s: &mut TcpStream) -> Duration {
+    let idle_from = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "still open after 60 s idle");
+    idle_from.elapsed()
+}
+
 /// On a paused clock: an idle kept-alive connection lives for
 /// `limits.idle_timeout` (not `header_timeout`), then it is closed.
 #[tokio::test]
@@ -150,11 +160,7 @@ async fn idle_keep_alive_lasts_idle_timeout_not_header_timeout() {
     s.write_all(get).await.unwrap();
     let second = read_response(&mut s).await;
     assert!(second.starts_with("HTTP/1.1 200"), "idle 15 s: {second:?}");
-    let idle_from = tokio::time::Instant::now();
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut rest)).await;
-    assert!(closed.is_ok(), "still open after 60 s idle");
-    let idle = idle_from.elapsed();
+    let idle = idle_until_closed(&mut s).await;
     assert!(
         idle >= Duration::from_secs(20) && idle < Duration::from_secs(25),
         "closed after {idle:?} idle"
@@ -180,11 +186,7 @@ async fn a_response_slower_than_idle_timeout_is_served_and_idle_counts_from_its_
         .unwrap();
     let first = read_response(&mut s).await;
     assert!(first.starts_with("HTTP/1.1 200"), "8 s answer: {first:?}");
-    let idle_from = tokio::time::Instant::now();
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut rest)).await;
-    assert!(closed.is_ok(), "still open after 60 s idle");
-    let idle = idle_from.elapsed();
+    let idle = idle_until_closed(&mut s).await;
     assert!(
         idle >= Duration::from_secs(5) && idle < Duration::from_secs(7),
         "closed after {idle:?} idle"
@@ -213,11 +215,7 @@ async fn a_connection_the_scanner_gave_up_on_still_idles_out() {
     let first = read_response(&mut s).await;
     assert!(first.starts_with("HTTP/1.1 200"), "{first:?}");
     tokio::time::pause();
-    let idle_from = tokio::time::Instant::now();
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut rest)).await;
-    assert!(closed.is_ok(), "still open after 60 s idle");
-    let idle = idle_from.elapsed();
+    let idle = idle_until_closed(&mut s).await;
     assert!(idle < Duration::from_secs(7), "closed after {idle:?} idle");
     t.stop().await;
 }
