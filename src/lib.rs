@@ -45,6 +45,7 @@ pub mod fuzz;
 
 pub(crate) mod admin;
 pub(crate) mod continuity;
+pub(crate) mod deadline;
 pub(crate) mod discovery;
 pub(crate) mod health;
 pub(crate) mod live;

@@ -1,7 +1,6 @@
 //! Bodies: the boxed body type both directions use, a request body that can
 //! be replayed on a retry, and an idle timeout for long streams.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -11,7 +10,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
+
+use crate::deadline::LazyDeadline;
 
 /// Errors inside bodies, boxed (hyper's and ours).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -45,7 +46,7 @@ pin_project_lite::pin_project! {
     pub struct IdleBody<B> {
         #[pin]
         inner: B,
-        sleep: Option<Pin<Box<Sleep>>>,
+        deadline: LazyDeadline,
         // When the last frame arrived, once the body has waited.
         last: Option<Instant>,
         idle: Duration,
@@ -57,7 +58,7 @@ impl<B> IdleBody<B> {
     pub fn new(inner: B, idle: Duration) -> Self {
         IdleBody {
             inner,
-            sleep: None,
+            deadline: LazyDeadline::default(),
             last: None,
             idle,
         }
@@ -88,18 +89,8 @@ where
                 // The silence starts now at the latest: the frame before
                 // this wait was handed out in this poll loop.
                 let last = *this.last.get_or_insert_with(Instant::now);
-                let due = last + *this.idle;
-                let sleep = this
-                    .sleep
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-                loop {
-                    ready!(sleep.as_mut().poll(cx));
-                    if Instant::now() >= due {
-                        return Poll::Ready(Some(Err(Box::new(StreamIdle(*this.idle)))));
-                    }
-                    // Armed for an earlier silence; frames came since.
-                    sleep.as_mut().reset(due);
-                }
+                ready!(this.deadline.poll_until(cx, last + *this.idle));
+                Poll::Ready(Some(Err(Box::new(StreamIdle(*this.idle)))))
             }
         }
     }

@@ -9,7 +9,6 @@
 //! waits for the next head: the timer is touched only when it fires (at
 //! most once per `idle_timeout`), not per request.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,7 +17,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
+
+use crate::deadline::LazyDeadline;
 
 /// What a connection's service shares with its reader.
 #[derive(Debug)]
@@ -105,13 +106,12 @@ impl<B: Body<Data = Bytes>> Body for Tracked<B> {
     }
 }
 
-/// The reader's side: one timer, made at the first idle wait and moved
-/// only when it fires before the (later) deadline the activity names.
+/// The reader's side: one lazily moved timer per connection.
 #[derive(Debug)]
 pub(super) struct IdleClock {
     activity: Arc<Activity>,
     timeout: Duration,
-    sleep: Option<Pin<Box<Sleep>>>,
+    deadline: LazyDeadline,
 }
 
 impl IdleClock {
@@ -119,43 +119,23 @@ impl IdleClock {
         IdleClock {
             activity,
             timeout,
-            sleep: None,
+            deadline: LazyDeadline::default(),
         }
     }
 
     /// Called while the reader waits for the next head: whether the
     /// connection has now been idle for the timeout. Keeps the timer armed
     /// no later than that moment, so the reader is woken to check again
-    /// even when the last response ends without any I/O on this side.
+    /// even when the last response ends without any I/O on this side (a
+    /// response still running ends no earlier than now).
     pub(super) fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let sleep = match &mut self.sleep {
-            Some(sleep) => sleep,
+        match self.activity.idle_until(self.timeout) {
+            Some(due) => self.deadline.poll_until(cx, due).is_ready(),
             None => {
-                let at = self.check_at();
-                self.sleep.insert(Box::pin(tokio::time::sleep_until(at)))
+                let _ = self.deadline.poll_until(cx, Instant::now() + self.timeout);
+                false
             }
-        };
-        if sleep.as_mut().poll(cx).is_pending() {
-            return false;
         }
-        // Fired: idle long enough, or armed for an earlier moment (an
-        // earlier idle period, or a check while a response was running).
-        let at = match self.activity.idle_until(self.timeout) {
-            Some(due) if Instant::now() >= due => return true,
-            Some(due) => due,
-            None => Instant::now() + self.timeout,
-        };
-        sleep.as_mut().reset(at);
-        let _ = sleep.as_mut().poll(cx);
-        false
-    }
-
-    /// The next moment worth checking: never later than the idle deadline
-    /// (a response still running ends no earlier than now).
-    fn check_at(&self) -> Instant {
-        self.activity
-            .idle_until(self.timeout)
-            .unwrap_or_else(|| Instant::now() + self.timeout)
     }
 }
 
