@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Load comparison: tether vs HAProxy vs nginx (and direct-to-origin as the
-# ceiling), all on loopback, in one run. The proxy under test is pinned to
+# ceiling, and hyper's server and client with nothing in between as the
+# floor any hyper-based proxy pays), all on loopback, in one run. The proxy under test is pinned to
 # core 0 with one thread; the load generator and the origins run on core 1.
 #
 #   bash bench/compare.sh                 # 3 repetitions of 10 s per scenario
@@ -8,8 +9,8 @@
 #   FEATURES=aws-lc-rs bash bench/compare.sh   # rustls on aws-lc-rs, not ring
 #
 # Prints, per scenario and proxy: req/s, p50/p99 latency, the proxy's CPU
-# microseconds per request and its RSS; then tether's ratio to each peer per
-# repetition and the median of those ratios. Everything it starts is stopped
+# microseconds per request and its RSS; then tether's ratio to each peer
+# (and the floor's to HAProxy) per repetition and the median of those ratios. Everything it starts is stopped
 # by PID on exit. Two more scenarios follow the repetitions: tether's RSS
 # with PINS (100000) live pins, and the latency a restore of an ENTRIES
 # (200) entry thread adds to the first request after its worker is killed.
@@ -30,7 +31,7 @@ if ! need haproxy || ! need nginx || ! need wrk || ! need h2load || ! need opens
 fi
 # FEATURES=aws-lc-rs measures tether with rustls on aws-lc-rs instead of ring.
 cargo build --release --locked ${FEATURES:+--features "$FEATURES"} \
-  --bin tether --example origin --example restore_latency >&2
+  --bin tether --example origin --example restore_latency --example hyper_floor >&2
 
 WORK=$(mktemp -d /tmp/tether-bench.XXXXXX)
 PIDS=()
@@ -47,6 +48,7 @@ O1=18081 O2=18082
 T_HTTP=18100 T_TLS=18443 T_ADMIN=18199
 H_HTTP=18200 H_TLS=18243
 N_HTTP=18300 N_TLS=18343
+F_HTTP=18400 F_TLS=18444
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
   -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
@@ -141,8 +143,15 @@ CFG
 taskset -c "$PROXY_CPU" nginx -c "$WORK/nginx.conf" -g 'daemon off;' 2>"$WORK/nginx.stderr" &
 N_PID=$!; PIDS+=($N_PID)
 
+# The floor: hyper's server and client with nothing of tether's in between
+# (examples/hyper_floor.rs), plain and TLS, one thread each on the proxy core.
+taskset -c "$PROXY_CPU" target/release/examples/hyper_floor 127.0.0.1:$F_HTTP 127.0.0.1:$O1 &
+F_PID=$!; PIDS+=($F_PID)
+taskset -c "$PROXY_CPU" target/release/examples/hyper_floor 127.0.0.1:$F_TLS 127.0.0.1:$O1 "$WORK/cert.pem" "$WORK/key.pem" &
+FT_PID=$!; PIDS+=($FT_PID)
+
 # Wait until everything answers.
-for url in "http://127.0.0.1:$T_HTTP/" "http://127.0.0.1:$H_HTTP/" "http://127.0.0.1:$N_HTTP/" "http://127.0.0.1:$O1/"; do
+for url in "http://127.0.0.1:$T_HTTP/" "http://127.0.0.1:$H_HTTP/" "http://127.0.0.1:$N_HTTP/" "http://127.0.0.1:$O1/" "http://127.0.0.1:$F_HTTP/"; do
   for _ in $(seq 1 100); do curl -fsS -o /dev/null "$url" 2>/dev/null && break; sleep 0.1; done
 done
 
@@ -209,12 +218,15 @@ for rep in $(seq 1 "$REPS"); do
   run "$rep" h1-sticky tether $T_PID -- $WRK -H "Cookie: $T_COOKIE" "http://127.0.0.1:$T_HTTP/"
   run "$rep" h1-sticky haproxy $H_PID -- $WRK -H "Cookie: $H_COOKIE" "http://127.0.0.1:$H_HTTP/"
   run "$rep" h1-sticky nginx $(nginx_pids) -- $WRK -H "Cookie: $N_COOKIE" "http://127.0.0.1:$N_HTTP/"
+  run "$rep" h1-sticky floor $F_PID -- $WRK -H "Cookie: $N_COOKIE" "http://127.0.0.1:$F_HTTP/"
   run "$rep" tls-keepalive tether $T_PID -- $WRK -H "Cookie: $T_COOKIE" "https://127.0.0.1:$T_TLS/"
   run "$rep" tls-keepalive haproxy $H_PID -- $WRK -H "Cookie: $H_COOKIE" "https://127.0.0.1:$H_TLS/"
   run "$rep" tls-keepalive nginx $(nginx_pids) -- $WRK -H "Cookie: $N_COOKIE" "https://127.0.0.1:$N_TLS/"
+  run "$rep" tls-keepalive floor $FT_PID -- $WRK -H "Cookie: $N_COOKIE" "https://127.0.0.1:$F_TLS/"
   run "$rep" h2-tls tether $T_PID -- $H2 -H "cookie: $T_COOKIE" "https://127.0.0.1:$T_TLS/"
   run "$rep" h2-tls haproxy $H_PID -- $H2 -H "cookie: $H_COOKIE" "https://127.0.0.1:$H_TLS/"
   run "$rep" h2-tls nginx $(nginx_pids) -- $H2 -H "cookie: $N_COOKIE" "https://127.0.0.1:$N_TLS/"
+  run "$rep" h2-tls floor $FT_PID -- $H2 -H "cookie: $N_COOKIE" "https://127.0.0.1:$F_TLS/"
   run "$rep" tls-new-conn tether $T_PID -- $WRK -H "Connection: close" -H "Cookie: $T_COOKIE" "https://127.0.0.1:$T_TLS/"
   run "$rep" tls-new-conn haproxy $H_PID -- $WRK -H "Connection: close" -H "Cookie: $H_COOKIE" "https://127.0.0.1:$H_TLS/"
   run "$rep" tls-new-conn nginx $(nginx_pids) -- $WRK -H "Connection: close" -H "Cookie: $N_COOKIE" "https://127.0.0.1:$N_TLS/"
@@ -293,17 +305,18 @@ awk -F'\t' '{printf "%-4s %-15s %-9s %-10s %-9s %-9s %-11s %s\n", $1,$2,$3,$4,$5
 echo
 echo "(h2-tls: h2load prints no percentiles; the p50 column is its mean, p99 its max)"
 echo
-echo "tether / peer, req/s per repetition, and the median (higher is better):"
+echo "proxy / peer, req/s per repetition, and the median (higher is better);"
+echo "floor is hyper's server and client alone (examples/hyper_floor.rs):"
 for scen in h1-sticky tls-keepalive h2-tls tls-new-conn h1-2threads; do
-  for peer in haproxy nginx; do
-    awk -F'\t' -v s="$scen" -v p="$peer" '
-      $2==s && $3=="tether" {t[$1]=$4}
+  for pair in tether/haproxy tether/nginx tether/floor floor/haproxy; do
+    awk -F'\t' -v s="$scen" -v me="${pair%/*}" -v p="${pair#*/}" '
+      $2==s && $3==me {t[$1]=$4}
       $2==s && $3==p {q[$1]=$4}
       END {
         n=0; line="";
         for (r in t) if (q[r] > 0) { v[n++]=t[r]/q[r]; line=line sprintf(" %.2f", t[r]/q[r]) }
         asort(v); med = (n%2) ? v[(n+1)/2] : (v[n/2]+v[n/2+1])/2;
-        if (n) printf "  %-14s vs %-8s%s   median %.2f\n", s, p, line, med
+        if (n) printf "  %-14s %-6s vs %-8s%s   median %.2f\n", s, me, p, line, med
       }' "$RESULTS"
   done
 done
