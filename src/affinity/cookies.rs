@@ -23,8 +23,26 @@ pub fn find<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &
 /// not valid text are dropped too: a worker must never see an affinity
 /// cookie, and we cannot tell whether such a header holds one.
 pub fn strip(headers: &mut HeaderMap, name: &str) {
-    if !headers.contains_key(COOKIE) {
+    // The common request: one `Cookie` header holding one pair.
+    let mut values = headers.get_all(COOKIE).iter();
+    let Some(first) = values.next() else {
         return;
+    };
+    let single = match (values.next(), first.to_str()) {
+        (None, Ok(text)) if !text.contains(';') => Some(
+            text.trim()
+                .split_once('=')
+                .is_some_and(|(k, _)| k.trim() == name),
+        ),
+        _ => None,
+    };
+    match single {
+        Some(true) => {
+            headers.remove(COOKIE);
+            return;
+        }
+        Some(false) => return,
+        None => {}
     }
     let mut kept: Vec<String> = Vec::new();
     let mut changed = false;

@@ -4,6 +4,7 @@ use super::*;
 use crate::config::{KeyMaterial, OnWorkerLoss};
 
 mod codec_props;
+mod strip_props;
 
 fn key(b: u8) -> KeyMaterial {
     KeyMaterial::new(vec![b; 32])

@@ -634,7 +634,7 @@ fn upstream_request(
     if let Some(v) = out.peer.session_header(&route.pin.session) {
         h.insert(TETHER_SESSION, v);
     }
-    h.insert(TETHER_EPOCH, HeaderValue::from(route.pin.epoch));
+    h.insert(TETHER_EPOCH, out.peer.epoch_header(route.pin.epoch));
     req
 }
 

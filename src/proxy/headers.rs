@@ -231,7 +231,38 @@ pub struct Peer {
     /// The connection's last affinity cookie and its pin.
     pub(crate) cookie: OpenCache,
     /// The connection's last `Tether-Session` value, by session.
-    session: Mutex<Option<(SessionId, HeaderValue)>>,
+    session: Last<SessionId, Option<HeaderValue>>,
+    /// The connection's last `Tether-Epoch` value, by epoch.
+    epoch: Last<u64, HeaderValue>,
+    /// The connection's last `Forwarded` value (when it names the peer),
+    /// by host.
+    forwarded_last: Last<Option<Box<[u8]>>, Option<HeaderValue>>,
+}
+
+/// The last value a connection made, by what it was made from: a
+/// kept-alive client's requests carry the same session, epoch and host,
+/// and a header value made anew costs an allocation.
+#[derive(Debug)]
+struct Last<K, V>(Mutex<Option<(K, V)>>);
+
+impl<K, V: Clone> Last<K, V> {
+    fn new() -> Last<K, V> {
+        Last(Mutex::new(None))
+    }
+
+    /// The last value if its key is the `same`, else the key and value
+    /// `make()` gives, kept for next time.
+    fn get(&self, same: impl FnOnce(&K) -> bool, make: impl FnOnce() -> (K, V)) -> V {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match &*last {
+            Some((seen, value)) if same(seen) => value.clone(),
+            _ => {
+                let (key, value) = make();
+                *last = Some((key, value.clone()));
+                value
+            }
+        }
+    }
 }
 
 impl Peer {
@@ -261,23 +292,45 @@ impl Peer {
                 .then(|| trusted.into()),
             sni: None,
             cookie: OpenCache::default(),
-            session: Mutex::new(None),
+            session: Last::new(),
+            epoch: Last::new(),
+            forwarded_last: Last::new(),
         }
+    }
+
+    /// `Forwarded` for a request to `host` that names this peer as the
+    /// client.
+    fn forwarded_value(&self, host: Option<&HeaderValue>) -> Option<HeaderValue> {
+        let proto = if self.tls { "https" } else { "http" };
+        let host_bytes = host.map(HeaderValue::as_bytes);
+        self.forwarded_last.get(
+            |seen| seen.as_deref() == host_bytes,
+            // The key is a copy: the client's value shares the buffer its
+            // request was read into, which must not be kept past it.
+            || {
+                let key = host_bytes.map(Box::from);
+                (key, forwarded(None, &self.forwarded, proto, host))
+            },
+        )
+    }
+
+    /// `Tether-Epoch` for `epoch`.
+    pub(crate) fn epoch_header(&self, epoch: u64) -> HeaderValue {
+        self.epoch
+            .get(|&seen| seen == epoch, || (epoch, HeaderValue::from(epoch)))
     }
 
     /// `Tether-Session` for `id`: the connection's previous value when it
     /// names the same session, as a kept-alive client's requests do (a
     /// header value owns its bytes: made anew it costs an allocation).
     pub(crate) fn session_header(&self, id: &SessionId) -> Option<HeaderValue> {
-        let mut last = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((seen, value)) = &*last {
-            if seen == id {
-                return Some(value.clone());
-            }
-        }
-        let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(id.to_hex())).ok()?;
-        *last = Some((*id, value.clone()));
-        Some(value)
+        self.session.get(
+            |seen| seen == id,
+            || {
+                let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(id.to_hex()));
+                (*id, value.ok())
+            },
+        )
     }
 
     /// `X-Forwarded-For` for the worker: the peer's address, after the
@@ -349,11 +402,30 @@ pub fn rewrite_request(h: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue
     if let Some(v) = host {
         h.insert(FORWARDING[2].clone(), v.clone());
     }
+    let value = match client {
+        Some(ip) => forwarded(Some(ip), &peer.forwarded, proto, host),
+        // The same for every request of a connection with the same host.
+        None => peer.forwarded_value(host),
+    };
+    if let Some(v) = value {
+        h.insert(header::FORWARDED, v);
+    }
+}
+
+/// `Forwarded`: `for=` the client behind a trusted proxy (`client`), else
+/// `own` (the peer's `for=…;proto=…`), then `;host="…"` when the host can be
+/// written as a quoted string.
+fn forwarded(
+    client: Option<IpAddr>,
+    own: &str,
+    proto: &str,
+    host: Option<&HeaderValue>,
+) -> Option<HeaderValue> {
     let host = host.and_then(|v| v.to_str().ok()).filter(|host| {
         host.bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
     });
-    let mut forwarded = Vec::with_capacity(peer.forwarded.len() + host.map_or(0, |h| h.len() + 8));
+    let mut forwarded = Vec::with_capacity(own.len() + host.map_or(0, |h| h.len() + 8));
     match client {
         // Behind a trusted proxy, `for=` names the client it forwarded.
         Some(ip) => {
@@ -363,16 +435,14 @@ pub fn rewrite_request(h: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue
                 IpAddr::V6(v6) => write!(forwarded, "for=\"[{v6}]\";proto={proto}"),
             };
         }
-        None => forwarded.extend_from_slice(peer.forwarded.as_bytes()),
+        None => forwarded.extend_from_slice(own.as_bytes()),
     }
     if let Some(host) = host {
         forwarded.extend_from_slice(b";host=\"");
         forwarded.extend_from_slice(host.as_bytes());
         forwarded.push(b'"');
     }
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)) {
-        h.insert(header::FORWARDED, v);
-    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)).ok()
 }
 
 /// Whether a request path falls under the reserved worker-contract prefix,

@@ -125,7 +125,9 @@ impl Proxy {
         if let Some(reason) = rejected {
             self.0.metrics.cookie_reject(reason.as_str());
         }
-        let pinned_state = pin.as_ref().map(|p| match workers.get(&p.backend) {
+        // The pinned worker, looked up once.
+        let pinned = pin.as_ref().and_then(|p| workers.get(&p.backend));
+        let pinned_state = pin.as_ref().map(|_| match pinned {
             Some(b) if b.is_usable() => match b.draining_for() {
                 Some(t) if t >= live.config.drain.timeout => PinnedState::Drained,
                 _ => PinnedState::Usable,
@@ -136,10 +138,7 @@ impl Proxy {
         let decision = affinity::decide(pinned_state, live.config.affinity.on_worker_loss);
         let route = match (decision, pin) {
             (Decision::Keep, Some(mut pin)) => {
-                let backend = workers
-                    .get(&pin.backend)
-                    .cloned()
-                    .ok_or(ProxyError::NoWorker)?;
+                let backend = pinned.cloned().ok_or(ProxyError::NoWorker)?;
                 let set_cookie =
                     binding == Binding::Cookie && live.lifetimes.needs_refresh(&pin, now);
                 if set_cookie || binding != Binding::Cookie {

@@ -318,3 +318,21 @@ fn the_session_header_follows_the_session_it_is_asked_for() {
         assert_eq!(v.to_str().unwrap(), id.to_hex());
     }
 }
+
+#[test]
+fn forwarded_follows_the_host_of_each_request_on_a_connection() {
+    let peer = Peer::new("192.0.2.7:4000".parse().unwrap(), true);
+    let (a, b) = (
+        HeaderValue::from_static("a.example"),
+        HeaderValue::from_static("b.example"),
+    );
+    for host in [Some(&a), Some(&a), Some(&b), None, Some(&a), None] {
+        let mut h = map(&[]);
+        rewrite_request(&mut h, &peer, host);
+        let want = match host {
+            Some(v) => format!("for=192.0.2.7;proto=https;host=\"{}\"", v.to_str().unwrap()),
+            None => "for=192.0.2.7;proto=https".to_owned(),
+        };
+        assert_eq!(h["forwarded"], want.as_str());
+    }
+}
