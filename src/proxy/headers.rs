@@ -239,6 +239,10 @@ pub struct Peer {
     forwarded_last: Last<Option<Box<[u8]>>, Option<HeaderValue>>,
 }
 
+/// The longest host whose `Forwarded` value a connection keeps: a DNS name
+/// (253) and a port.
+const MAX_CACHED_HOST: usize = 253 + 6;
+
 /// The last value a connection made, by what it was made from: a
 /// kept-alive client's requests carry the same session, epoch and host,
 /// and a header value made anew costs an allocation.
@@ -303,6 +307,10 @@ impl Peer {
     fn forwarded_value(&self, host: Option<&HeaderValue>) -> Option<HeaderValue> {
         let proto = if self.tls { "https" } else { "http" };
         let host_bytes = host.map(HeaderValue::as_bytes);
+        // What a connection keeps stays small whatever a client sends.
+        if host_bytes.is_some_and(|h| h.len() > MAX_CACHED_HOST) {
+            return forwarded(None, &self.forwarded, proto, host);
+        }
         self.forwarded_last.get(
             |seen| seen.as_deref() == host_bytes,
             // The key is a copy: the client's value shares the buffer its

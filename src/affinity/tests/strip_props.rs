@@ -58,6 +58,9 @@ fn pair() -> impl Strategy<Value = String> {
         Just("te"),
         Just("tetherx"),
         Just("x"),
+        Just("\ttether"),
+        Just("a,tether"),
+        Just("\"tether\""),
         Just(""),
     ];
     let eq = prop_oneof![Just("="), Just(" = "), Just("")];
@@ -71,7 +74,7 @@ fn pair() -> impl Strategy<Value = String> {
 fn value() -> impl Strategy<Value = Vec<u8>> {
     let joined = (
         proptest::collection::vec(pair(), 0..4),
-        prop_oneof![Just(";"), Just("; "), Just(" ;")],
+        prop_oneof![Just(";"), Just("; "), Just(" ;"), Just(",")],
     )
         .prop_map(|(pairs, sep)| pairs.join(sep).into_bytes());
     let raw = proptest::collection::vec(
@@ -81,6 +84,8 @@ fn value() -> impl Strategy<Value = Vec<u8>> {
             Just(b'='),
             Just(b';'),
             Just(b' '),
+            Just(b'\t'),
+            Just(b','),
             Just(0xe9u8),
         ],
         0..12,

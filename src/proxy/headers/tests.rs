@@ -326,7 +326,17 @@ fn forwarded_follows_the_host_of_each_request_on_a_connection() {
         HeaderValue::from_static("a.example"),
         HeaderValue::from_static("b.example"),
     );
-    for host in [Some(&a), Some(&a), Some(&b), None, Some(&a), None] {
+    let long = HeaderValue::from_str(&"h".repeat(4000)).unwrap();
+    for host in [
+        Some(&a),
+        Some(&a),
+        Some(&b),
+        None,
+        Some(&a),
+        Some(&long),
+        Some(&long),
+        None,
+    ] {
         let mut h = map(&[]);
         rewrite_request(&mut h, &peer, host);
         let want = match host {
