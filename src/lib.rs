@@ -48,6 +48,7 @@ pub(crate) mod continuity;
 pub(crate) mod deadline;
 pub(crate) mod discovery;
 pub(crate) mod health;
+pub(crate) mod last;
 pub(crate) mod live;
 pub(crate) mod metrics;
 pub(crate) mod restore;

@@ -3,7 +3,6 @@
 //! another cookie name). The first key seals, every key opens (rotation).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
@@ -15,6 +14,7 @@ use sha2::Sha256;
 
 use super::{Lifetimes, Pin, SessionId};
 use crate::config::KeyMaterial;
+use crate::last::Last;
 
 const VERSION: u8 = 1;
 const NONCE_LEN: usize = 12;
@@ -220,32 +220,15 @@ impl Codec {
 /// same codec is answered from here: the same ciphertext under the same
 /// keys opens to the same pin.
 #[derive(Debug, Default)]
-pub struct OpenCache(Mutex<Option<Opened>>);
-
-#[derive(Debug)]
-struct Opened {
-    codec: u64,
-    value: Box<str>,
-    pin: Pin,
-}
+pub struct OpenCache(Last<(u64, Box<str>), Pin>);
 
 impl OpenCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Opened>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn get(&self, codec: u64, value: &str) -> Option<Pin> {
-        let cached = self.lock();
-        let hit = cached.as_ref()?;
-        (hit.codec == codec && *hit.value == *value).then(|| hit.pin.clone())
+        self.0.get(|(c, v)| *c == codec && **v == *value)
     }
 
     fn put(&self, codec: u64, value: &str, pin: &Pin) {
-        *self.lock() = Some(Opened {
-            codec,
-            value: value.into(),
-            pin: pin.clone(),
-        });
+        self.0.put((codec, value.into()), pin.clone());
     }
 }
 

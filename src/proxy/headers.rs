@@ -3,7 +3,7 @@
 
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -11,6 +11,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 
 use crate::affinity::{OpenCache, SessionId};
+use crate::last::Last;
 use crate::wire::is_tether_header;
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
@@ -243,32 +244,6 @@ pub struct Peer {
 /// (253) and a port.
 const MAX_CACHED_HOST: usize = 253 + 6;
 
-/// The last value a connection made, by what it was made from: a
-/// kept-alive client's requests carry the same session, epoch and host,
-/// and a header value made anew costs an allocation.
-#[derive(Debug)]
-struct Last<K, V>(Mutex<Option<(K, V)>>);
-
-impl<K, V: Clone> Last<K, V> {
-    fn new() -> Last<K, V> {
-        Last(Mutex::new(None))
-    }
-
-    /// The last value if its key is the `same`, else the key and value
-    /// `make()` gives, kept for next time.
-    fn get(&self, same: impl FnOnce(&K) -> bool, make: impl FnOnce() -> (K, V)) -> V {
-        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match &*last {
-            Some((seen, value)) if same(seen) => value.clone(),
-            _ => {
-                let (key, value) = make();
-                *last = Some((key, value.clone()));
-                value
-            }
-        }
-    }
-}
-
 impl Peer {
     /// The peer of a connection from `addr`, over TLS or not.
     pub fn new(addr: SocketAddr, tls: bool) -> Peer {
@@ -296,22 +271,31 @@ impl Peer {
                 .then(|| trusted.into()),
             sni: None,
             cookie: OpenCache::default(),
-            session: Last::new(),
-            epoch: Last::new(),
-            forwarded_last: Last::new(),
+            session: Last::default(),
+            epoch: Last::default(),
+            forwarded_last: Last::default(),
+        }
+    }
+
+    /// The scheme the client used.
+    fn proto(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
         }
     }
 
     /// `Forwarded` for a request to `host` that names this peer as the
     /// client.
     fn forwarded_value(&self, host: Option<&HeaderValue>) -> Option<HeaderValue> {
-        let proto = if self.tls { "https" } else { "http" };
+        let proto = self.proto();
         let host_bytes = host.map(HeaderValue::as_bytes);
         // What a connection keeps stays small whatever a client sends.
         if host_bytes.is_some_and(|h| h.len() > MAX_CACHED_HOST) {
             return forwarded(None, &self.forwarded, proto, host);
         }
-        self.forwarded_last.get(
+        self.forwarded_last.get_or(
             |seen| seen.as_deref() == host_bytes,
             // The key is a copy: the client's value shares the buffer its
             // request was read into, which must not be kept past it.
@@ -325,14 +309,14 @@ impl Peer {
     /// `Tether-Epoch` for `epoch`.
     pub(crate) fn epoch_header(&self, epoch: u64) -> HeaderValue {
         self.epoch
-            .get(|&seen| seen == epoch, || (epoch, HeaderValue::from(epoch)))
+            .get_or(|&seen| seen == epoch, || (epoch, HeaderValue::from(epoch)))
     }
 
     /// `Tether-Session` for `id`: the connection's previous value when it
     /// names the same session, as a kept-alive client's requests do (a
     /// header value owns its bytes: made anew it costs an allocation).
     pub(crate) fn session_header(&self, id: &SessionId) -> Option<HeaderValue> {
-        self.session.get(
+        self.session.get_or(
             |seen| seen == id,
             || {
                 let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(id.to_hex()));
@@ -405,7 +389,7 @@ pub fn rewrite_request(h: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue
     if let Some(v) = xff {
         h.insert(FORWARDING[0].clone(), v);
     }
-    let proto = if peer.tls { "https" } else { "http" };
+    let proto = peer.proto();
     h.insert(FORWARDING[1].clone(), HeaderValue::from_static(proto));
     if let Some(v) = host {
         h.insert(FORWARDING[2].clone(), v.clone());
